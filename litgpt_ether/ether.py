@@ -1,0 +1,352 @@
+"""ETHER and ETHER+ for litgpt: the whole method in one module.
+
+A targeted linear keeps its frozen weight ``W`` (out x in) and learns block-diagonal reflections
+``H`` on one or both sides: ``W' = H_out W H_in``. The bias is never transformed.
+
+- ETHER:  ``H = blockdiag(I - 2 û ûᵀ)``, a Householder reflection per block.
+- ETHER+: ``H = blockdiag(I - û ûᵀ + v̂ v̂ᵀ)``, two hyperplanes that can cancel; ``v = -u`` at init,
+  so ETHER+ starts exactly at the pretrained model.
+
+Training never builds ``H`` or ``W'``: since every block is identity plus a rank-1 or rank-2 update,
+the reflections are applied to activations at ``O(tokens x size)``. The same function, applied to
+the rows or columns of ``W`` in fp32, merges an adapter for inference (``merge_ether``).
+
+Sides, as in the reference code: every targeted linear except the fused QKV reflects its input
+(``W' = W H``; ``ether_flip_side`` reflects the output instead). The fused QKV reflects the output of
+each targeted q/k/v segment separately (``W'_s = H_s W_s``). Two-sided ETHER+ does both, with a
+separate reflection per side (and per q/k/v segment on both sides of the QKV).
+"""
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import litgpt.model
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning.fabric.utilities.load import _lazy_load as lazy_load
+from litgpt.config import Config as BaseConfig
+from typing_extensions import Self
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the CLI prints it as one line."""
+
+
+@dataclass
+class Config(BaseConfig):
+    """litgpt's ``Config`` plus the ETHER options.
+
+    Args:
+        ether_method: "ether" (Householder reflections) or "etherplus" (ETHER+, two-sided unless
+            ``ether_one_sided``).
+        ether_one_sided: ETHER+ only: reflect one side, like ETHER, instead of both.
+        ether_nb: number of diagonal blocks ``n``; must divide every reflected dimension.
+        ether_flip_side: one-sided only: reflect the output side of non-QKV layers instead of the input.
+        ether_dropout: dropout on the input of targeted layers.
+        ether_*: which linears to reflect.
+    """
+
+    ether_method: Literal["ether", "etherplus"] = "ether"
+    ether_one_sided: bool = False
+    ether_nb: int = 1
+    ether_flip_side: bool = False
+    ether_dropout: float = 0.0
+    ether_query: bool = False
+    ether_key: bool = False
+    ether_value: bool = False
+    ether_projection: bool = False
+    ether_mlp: bool = False
+    ether_head: bool = False
+
+    @property
+    def ether_plus(self) -> bool:
+        return self.ether_method == "etherplus"
+
+    @property
+    def ether_two_sided(self) -> bool:
+        return self.ether_plus and not self.ether_one_sided
+
+    @property
+    def ether_qkv(self) -> tuple[bool, bool, bool]:
+        return (self.ether_query, self.ether_key, self.ether_value)
+
+    def ether_args(self) -> dict[str, Any]:
+        """The ETHER fields alone: what an adapter file needs to rebuild the model with a base config."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith("ether_")}
+
+
+def ether_fields() -> list[str]:
+    return [f.name for f in fields(Config) if f.name.startswith("ether_")]
+
+
+# --------------------------------------------------------------------------------------------------
+# The reflection math: one function for activations (training) and weights (merging).
+
+
+def reflect(z: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """Return ``z @ H`` over the last dim, ``H = blockdiag_i(I + sum_j c_j w_ji w_jiᵀ)``.
+
+    ``terms`` holds ``(c_j, w_j)`` with ``w_j`` of shape ``(n, k)``: unit vectors, one row per block.
+    ``H`` is symmetric, so this is also ``H z`` for column vectors. All dot products use the
+    original ``z``, which is what makes ETHER+'s two hyperplanes one matrix.
+    """
+    n, k = terms[0][1].shape
+    zb = z.reshape(*z.shape[:-1], n, k)  # (..., n, k)
+    out = zb
+    for c, w in terms:
+        coef = torch.einsum("...nk,nk->...n", zb, w)  # (..., n)
+        out = out + c * coef.unsqueeze(-1) * w
+    return out.reshape(z.shape)
+
+
+def reflect_through(x: torch.Tensor, weight: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """Return ``(x @ H - x) @ weightᵀ``: the input-side reflection as a rank-``n·j`` correction.
+
+    Used where one matmul serves several input reflections (the fused QKV): ``x H Wᵀ = x Wᵀ +
+    sum_j c_j (x_b · w_j) (W_b w_j)ᵀ``, so only cheap matrix-vector products touch ``W``.
+    """
+    n, k = terms[0][1].shape
+    xb = x.reshape(*x.shape[:-1], n, k)
+    wb = weight.reshape(weight.shape[0], n, k)
+    coefs = torch.cat([c * torch.einsum("...nk,nk->...n", xb, w) for c, w in terms], dim=-1)  # (..., j*n)
+    proj = torch.cat([torch.einsum("fnk,nk->fn", wb, w) for _, w in terms], dim=-1)  # (f, j*n)
+    return coefs @ proj.T
+
+
+class Reflection(nn.Module):
+    """The trainable vectors of one side: ``u`` (and ``v`` for ETHER+), each ``(n, size // n)``."""
+
+    def __init__(self, size: int, n_blocks: int, plus: bool, device: torch.device | None = None, dtype=None) -> None:
+        super().__init__()
+        self.u = nn.Parameter(torch.empty(n_blocks, size // n_blocks, device=device, dtype=dtype))
+        self.v = nn.Parameter(torch.empty_like(self.u)) if plus else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # like a Kaiming-uniform weight (a=√5), as the reference; ETHER+ starts at H = I with v = -u
+        nn.init.kaiming_uniform_(self.u, a=math.sqrt(5))
+        if self.v is not None:
+            with torch.no_grad():
+                self.v.copy_(-self.u)
+
+    def terms(self, dtype: torch.dtype) -> list[tuple[float, torch.Tensor]]:
+        """The ``(coefficient, unit vectors)`` pairs of ``H``, normalised in at least fp32, then cast."""
+        # F.normalize divides by max(||u||, eps): a zero vector gives H = I instead of NaN
+        unit = lambda w: F.normalize(w.to(torch.promote_types(w.dtype, torch.float32)), dim=-1).to(dtype)
+        if self.v is None:
+            return [(-2.0, unit(self.u))]
+        return [(-1.0, unit(self.u)), (1.0, unit(self.v))]
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return reflect(z, self.terms(z.dtype))
+
+
+def _dropout(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+def _new_reflection(config: Config, size: int, like: torch.Tensor, where: str) -> Reflection:
+    n = config.ether_nb
+    if size % n:
+        raise ConfigError(f"ether_nb={n} does not divide {where} (size {size})")
+    return Reflection(size, n, config.ether_plus, device=like.device, dtype=like.dtype)
+
+
+class ETHERLinear(nn.Linear):
+    """A frozen ``nn.Linear`` with reflections on its input and/or output; base state-dict keys unchanged."""
+
+    def __init__(self, linear: nn.Linear, config: Config, name: str, in_side: bool, out_side: bool) -> None:
+        nn.Module.__init__(self)  # reuse the existing weight instead of allocating a new one
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        w = linear.weight
+        self.ether_in = _new_reflection(config, self.in_features, w, f"{name} input") if in_side else None
+        self.ether_out = _new_reflection(config, self.out_features, w, f"{name} output") if out_side else None
+        self.ether_dropout = _dropout(config.ether_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ether_dropout(x)
+        if self.ether_in is not None:
+            x = self.ether_in(x)
+        if self.ether_out is None:
+            return F.linear(x, self.weight, self.bias)
+        z = self.ether_out(F.linear(x, self.weight))
+        return z if self.bias is None else z + self.bias
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``H_out W H_in`` computed in fp32, cast back to the weight's dtype."""
+        w = self.weight.float()
+        if self.ether_in is not None:
+            w = reflect(w, self.ether_in.terms(w.dtype))  # W H: rows live on the input side
+        if self.ether_out is not None:
+            w = reflect(w.T, self.ether_out.terms(w.dtype)).T  # H W: columns live on the output side
+        return w.to(self.weight.dtype)
+
+
+class ETHERQKVLinear(nn.Linear):
+    """litgpt's fused ``[q | k | v]`` projection with a separate reflection per targeted segment.
+
+    Output side: each targeted segment's slice of the fused matmul is reflected. Input side
+    (two-sided ETHER+): each targeted segment gets a low-rank correction, so one matmul serves all.
+    """
+
+    def __init__(self, linear: nn.Linear, config: Config, name: str) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        q_size = config.n_head * config.head_size
+        kv_size = config.n_query_groups * config.head_size
+        self.sizes = (q_size, kv_size, kv_size)
+        self.segments = [s for s, on in zip("qkv", config.ether_qkv) if on]
+        w = linear.weight
+        self.ether_out = nn.ModuleDict(
+            {s: _new_reflection(config, self.sizes["qkv".index(s)], w, f"{name} ({s}) output") for s in self.segments}
+        )
+        self.ether_in = (
+            nn.ModuleDict(
+                {s: _new_reflection(config, self.in_features, w, f"{name} ({s}) input") for s in self.segments}
+            )
+            if config.ether_two_sided
+            else None
+        )
+        self.ether_dropout = _dropout(config.ether_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ether_dropout(x)
+        parts = list(F.linear(x, self.weight).split(self.sizes, dim=-1))  # [(..., q), (..., k), (..., v)]
+        w_parts = self.weight.split(self.sizes, dim=0)
+        for s in self.segments:
+            i = "qkv".index(s)
+            if self.ether_in is not None:
+                parts[i] = parts[i] + reflect_through(x, w_parts[i], self.ether_in[s].terms(x.dtype))
+            parts[i] = self.ether_out[s](parts[i])
+        z = torch.cat(parts, dim=-1)
+        return z if self.bias is None else z + self.bias
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        parts = list(self.weight.float().split(self.sizes, dim=0))
+        for s in self.segments:
+            i = "qkv".index(s)
+            if self.ether_in is not None:
+                parts[i] = reflect(parts[i], self.ether_in[s].terms(torch.float32))
+            parts[i] = reflect(parts[i].T, self.ether_out[s].terms(torch.float32)).T
+        return torch.cat(parts, dim=0).to(self.weight.dtype)
+
+
+ETHERLayer = ETHERLinear | ETHERQKVLinear
+
+
+# --------------------------------------------------------------------------------------------------
+# Surgery: one walk over any litgpt architecture replaces the targeted linears.
+
+
+def _targets(model: litgpt.model.GPT, config: Config) -> Iterator[tuple[nn.Module, str, str]]:
+    """Yield ``(parent, child_name, kind)`` for every linear to reflect; kind is "qkv" or "linear"."""
+    if config.ether_head:
+        yield model, "lm_head", "linear"
+    for block in model.transformer.h:
+        attn = block.attn
+        if any(config.ether_qkv):
+            if not isinstance(attn, litgpt.model.CausalSelfAttention):
+                raise ConfigError(
+                    f"ether_query/key/value are not supported for {type(attn).__name__} ({config.name});"
+                    " target ether_projection or ether_mlp instead"
+                )
+            yield attn, "qkv", "qkv"
+        if config.ether_projection:
+            yield attn, "proj", "linear"
+        if config.ether_mlp:
+            for module in block.mlp.modules():
+                for child_name, child in module.named_children():
+                    if type(child) is nn.Linear:
+                        yield module, child_name, "linear"
+
+
+def add_ether(model: litgpt.model.GPT, config: Config) -> None:
+    """Replace the linears that ``config`` targets with ETHER layers, in place."""
+    if not (any(config.ether_qkv) or config.ether_projection or config.ether_mlp or config.ether_head):
+        raise ConfigError(
+            "no ETHER target enabled: set at least one of ether_query, ether_key, ether_value,"
+            " ether_projection, ether_mlp, ether_head"
+        )
+    if config.ether_two_sided and config.ether_flip_side:
+        raise ConfigError("ether_flip_side only applies to one-sided methods; two-sided ETHER+ reflects both sides")
+    if config.ether_nb < 1:
+        raise ConfigError(f"ether_nb must be a positive integer, got {config.ether_nb}")
+    names = {id(m): n for n, m in model.named_modules()}
+    for parent, child_name, kind in list(_targets(model, config)):
+        linear = getattr(parent, child_name)
+        name = f"{names[id(parent)]}.{child_name}".lstrip(".")
+        if kind == "qkv":
+            layer = ETHERQKVLinear(linear, config, name)
+        else:
+            two, flip = config.ether_two_sided, config.ether_flip_side
+            layer = ETHERLinear(linear, config, name, in_side=two or not flip, out_side=two or flip)
+        setattr(parent, child_name, layer)
+
+
+class GPT(litgpt.model.GPT):
+    """litgpt's GPT with the targeted linears swapped for ETHER layers; loads base checkpoints as is."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        add_ether(self, config)
+
+    @classmethod
+    def from_name(cls, name: str, **kwargs: Any) -> Self:
+        return cls(Config.from_name(name, **kwargs))
+
+
+def ether_layers(model: nn.Module) -> Iterator[tuple[str, ETHERLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, (ETHERLinear, ETHERQKVLinear)):
+            yield name, module
+
+
+def ether_filter(key: str, value: Any) -> bool:
+    """For ``fabric.save(..., filter=...)`` and friends: keep ETHER tensors only."""
+    return "ether_" in key
+
+
+def mark_only_ether_as_trainable(model: nn.Module) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad = ether_filter(name, param)
+
+
+def ether_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if ether_filter(k, v)}
+
+
+def load_base_checkpoint(model: nn.Module, checkpoint_path: Path) -> None:
+    """Load an unmodified litgpt ``lit_model.pth``: every key must match, except the ETHER ones."""
+    state_dict = lazy_load(checkpoint_path)
+    state_dict = state_dict.get("model", state_dict)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not ether_filter(k, None)]
+    if missing or unexpected:
+        raise ConfigError(
+            f"{checkpoint_path} does not match the model config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f" ({len(missing)} missing, {len(unexpected)} unexpected keys)"
+        )
+
+
+@torch.no_grad()
+def merge_ether(model: nn.Module) -> nn.Module:
+    """Fold every ETHER layer into a plain ``nn.Linear`` holding ``H_out W H_in`` (fp32 math), in place.
+
+    Afterwards the model costs exactly what the base model costs, and its state dict has only base keys.
+    """
+    for name, layer in list(ether_layers(model)):
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight = nn.Parameter(layer.merged_weight(), requires_grad=False)
+        linear.bias = layer.bias
+        setattr(parent, child_name, linear)
+    return model

@@ -1,0 +1,330 @@
+"""``litgpt_ether finetune``: instruction-tune a litgpt checkpoint with ETHER or ETHER+.
+
+Reads top to bottom like litgpt's ``finetune/lora.py``: ``setup`` (parse, pick strategy and
+precision) -> ``main`` (data, model, optimizer, base weights) -> ``fit`` (the loop) -> save the adapter
+and a merged checkpoint. litgpt's data modules, tokenizer, prompt styles, args, logger and helpers are
+used as they are.
+"""
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from pprint import pprint
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.fabric.utilities import ThroughputMonitor
+from litgpt.args import EvalArgs, LogArgs, TrainArgs
+from litgpt.data import Alpaca, DataModule
+from litgpt.finetune.lora import (
+    generate_example,
+    get_dataloaders,
+    get_longest_seq_length,
+    get_lr_scheduler,
+    validate,
+    validate_args,
+)
+from litgpt.parser_config import save_hyperparameters
+from litgpt.prompts import save_prompt_style
+from litgpt.tokenizer import Tokenizer
+from litgpt.types import LoggerChoice
+from litgpt.utils import (
+    CycleIterator,
+    check_valid_checkpoint_dir,
+    choose_logger,
+    chunked_cross_entropy,
+    copy_config_files,
+    create_finetuning_performance_report,
+    get_default_supported_precision,
+    init_out_dir,
+    instantiate_torch_optimizer,
+    num_parameters,
+    parse_devices,
+)
+from torch.utils.data import ConcatDataset, DataLoader
+from torchmetrics import RunningMean
+
+from litgpt_ether.ether import (
+    GPT,
+    Config,
+    ConfigError,
+    ether_state_dict,
+    load_base_checkpoint,
+    mark_only_ether_as_trainable,
+)
+from litgpt_ether.merge import ADAPTER_FILE, merge_adapter, save_adapter
+
+
+def setup(
+    checkpoint_dir: Path,
+    out_dir: Path = Path("out/finetune/ether"),
+    precision: str | None = None,
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    ether_method: Literal["ether", "etherplus"] = "ether",
+    ether_one_sided: bool = False,
+    ether_nb: int = 1,
+    ether_flip_side: bool = False,
+    ether_dropout: float = 0.0,
+    ether_query: bool = True,
+    ether_key: bool = False,
+    ether_value: bool = True,
+    ether_projection: bool = False,
+    ether_mlp: bool = False,
+    ether_head: bool = False,
+    data: DataModule | None = None,
+    train: TrainArgs = TrainArgs(
+        save_interval=1000,
+        log_interval=1,
+        global_batch_size=16,
+        micro_batch_size=1,
+        lr_warmup_steps=100,
+        epochs=5,
+        max_seq_length=None,
+    ),
+    log: LogArgs = LogArgs(),
+    eval: EvalArgs = EvalArgs(interval=100, max_new_tokens=100, max_iters=100),
+    optimizer: str | dict = "AdamW",
+    logger_name: LoggerChoice = "csv",
+    seed: int = 1337,
+) -> None:
+    """Finetune a model with ETHER or ETHER+.
+
+    Arguments:
+        checkpoint_dir: The base model's litgpt checkpoint directory (``lit_model.pth``, ``model_config.yaml``,
+            tokenizer files).
+        out_dir: Directory for checkpoints, logs and the final adapter and merged model.
+        precision: "bf16-true", "bf16-mixed", "32-true", ... Defaults to the best the device supports.
+        devices: How many devices to use.
+        num_nodes: How many nodes the code is being run on.
+        ether_method: "ether" (one Householder reflection per block) or "etherplus" (ETHER+: two
+            hyperplanes per block, both sides of each layer unless ``ether_one_sided``).
+        ether_one_sided: ETHER+ only: reflect one side of each layer, like ETHER.
+        ether_nb: Number of diagonal blocks; must divide every reflected dimension. More blocks are
+            cheaper and on Llama-2-7B n=32 gave the paper's best results.
+        ether_flip_side: One-sided only: reflect the output side of non-QKV layers instead of the input.
+        ether_dropout: Dropout on the input of targeted layers.
+        ether_query: Reflect the attention queries.
+        ether_key: Reflect the attention keys.
+        ether_value: Reflect the attention values.
+        ether_projection: Reflect the attention output projection.
+        ether_mlp: Reflect every linear of the MLP.
+        ether_head: Reflect the output head.
+        data: Data-related arguments. If not provided, the default is ``litgpt.data.Alpaca``.
+        train: Training-related arguments. See ``litgpt.args.TrainArgs`` for details.
+        log: Logger arguments. See ``litgpt.args.LogArgs`` for details.
+        eval: Evaluation-related arguments. See ``litgpt.args.EvalArgs`` for details.
+        optimizer: An optimizer name (such as "AdamW") or config.
+        logger_name: The name of the logger to send metrics to.
+        seed: The random seed to use for reproducibility.
+    """
+    ether_args = {k: v for k, v in locals().items() if k.startswith("ether_")}
+    pprint(locals())
+    check_valid_checkpoint_dir(checkpoint_dir)
+    config = Config.from_file(checkpoint_dir / "model_config.yaml", **ether_args)
+    with torch.device("meta"):
+        GPT(config)  # reject a bad ETHER configuration before any data or weights are touched
+    data = Alpaca() if data is None else data
+    devices = parse_devices(devices)
+    if train.global_batch_size < devices * num_nodes * train.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} is smaller than devices x num_nodes x"
+            f" train.micro_batch_size = {devices * num_nodes * train.micro_batch_size}"
+        )
+    out_dir = init_out_dir(out_dir)
+
+    precision = precision or get_default_supported_precision(training=True)
+    logger = choose_logger(
+        logger_name,
+        out_dir,
+        name=f"finetune-ether-{config.name}",
+        log_interval=train.log_interval,
+        log_args=dataclasses.asdict(log),
+    )
+    strategy = "ddp" if devices * num_nodes > 1 else "auto"
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger)
+    fabric.launch(main, devices, seed, config, data, checkpoint_dir, out_dir, train, eval, optimizer, num_nodes)
+
+
+def main(
+    fabric: L.Fabric,
+    devices: int,
+    seed: int,
+    config: Config,
+    data: DataModule,
+    checkpoint_dir: Path,
+    out_dir: Path,
+    train: TrainArgs,
+    eval: EvalArgs,
+    optimizer: str | dict,
+    num_nodes: int = 1,
+) -> None:
+    validate_args(train, eval)
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    train_dataloader, val_dataloader = get_dataloaders(fabric, data, tokenizer, train)
+    steps_per_epoch = len(train_dataloader) // train.gradient_accumulation_iters(devices, num_nodes)
+    lr_max_steps = min(train.epochs * steps_per_epoch, (train.max_steps or float("inf")))
+
+    fabric.seed_everything(seed)  # same seed for every process to init the model
+
+    with fabric.init_module():
+        model = GPT(config)
+    load_base_checkpoint(model, checkpoint_dir / "lit_model.pth")
+    mark_only_ether_as_trainable(model)
+
+    fabric.print(f"Number of trainable parameters: {num_parameters(model, requires_grad=True):,}")
+    fabric.print(f"Number of non-trainable parameters: {num_parameters(model, requires_grad=False):,}")
+
+    model = fabric.setup_module(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = fabric.setup_optimizers(instantiate_torch_optimizer(optimizer, trainable))
+    scheduler = get_lr_scheduler(optimizer, warmup_steps=train.lr_warmup_steps, max_steps=lr_max_steps)
+
+    train_time = time.perf_counter()
+    token_counts = fit(fabric, model, optimizer, scheduler, train_dataloader, val_dataloader, devices,
+                       checkpoint_dir, out_dir, train, eval, data, num_nodes)  # fmt: skip
+    training_time = time.perf_counter() - train_time
+    fabric.print(create_finetuning_performance_report(training_time, token_counts, fabric.device.type))
+
+    if eval.final_validation:
+        val_loss = validate(fabric, model, val_dataloader, dataclasses.replace(eval, max_iters=len(val_dataloader)))
+        fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+        fabric.print(f"Final evaluation | val loss: {val_loss.item():.3f} | val ppl: {math.exp(val_loss):.3f}")
+
+    final_dir = out_dir / "final"
+    save_checkpoint(fabric, model, config, checkpoint_dir, final_dir, data)
+    if fabric.global_rank == 0:
+        merge_adapter(final_dir / ADAPTER_FILE, checkpoint_dir, final_dir / "lit_model.pth")
+        fabric.print(f"Saved the ETHER adapter and the merged model to {str(final_dir)!r}")
+    fabric.barrier()
+
+
+def fit(
+    fabric: L.Fabric,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_dataloader: DataLoader,
+    val_dataloader: DataLoader,
+    devices: int,
+    checkpoint_dir: Path,
+    out_dir: Path,
+    train: TrainArgs,
+    eval: EvalArgs,
+    data: DataModule,
+    num_nodes: int = 1,
+) -> dict[str, int]:
+    tokenizer = Tokenizer(checkpoint_dir)
+    longest_seq_length, _ = get_longest_seq_length(ConcatDataset([train_dataloader.dataset, val_dataloader.dataset]))
+    model.max_seq_length = min(longest_seq_length, train.max_seq_length or float("inf"))
+    fabric.print(
+        f"The longest sequence length in the train data is {longest_seq_length}, the model's maximum sequence length is"
+        f" {model.max_seq_length} and context length is {model.config.block_size}"
+    )
+    if eval.initial_validation:
+        val_loss = (
+            f"{validate(fabric, model, val_dataloader, dataclasses.replace(eval, max_iters=len(val_dataloader))):.3f}"
+        )
+    else:
+        validate(fabric, model, val_dataloader, dataclasses.replace(eval, max_iters=2), verbose=False)  # sanity check
+        val_loss = "n/a"
+
+    accumulation = train.gradient_accumulation_iters(devices, num_nodes)
+    train_iterator = CycleIterator(train_dataloader)
+    throughput = ThroughputMonitor(fabric, window_size=50)
+    running_loss = RunningMean(window=accumulation, sync_on_compute=False).to(fabric.device)
+    max_steps = train.max_steps or float("inf")
+    max_time = train.max_time or float("inf")
+    step_count = iter_num = total_lengths = 0
+    token_counts = {
+        "raw_tokens": 0,
+        "raw_tokens_plus_prompt_template": 0,
+        "raw_tokens_plus_prompt_template_and_padding": 0,
+    }
+    total_t0 = time.perf_counter()
+
+    while step_count < max_steps:
+        iter_num += 1
+        iter_t0 = time.perf_counter()
+        batch = next(train_iterator)
+        if train_iterator.epoch >= train.epochs or iter_t0 - total_t0 > max_time:
+            fabric.print("Number of epochs or max time reached, stopping training...")
+            break
+        input_ids, targets = batch["input_ids"], batch["labels"]
+
+        is_accumulating = iter_num % accumulation != 0
+        with fabric.no_backward_sync(model, enabled=is_accumulating):
+            logits = model(input_ids, lm_head_chunk_size=128)
+            logits[-1] = logits[-1][..., :-1, :]  # output n predicts token n+1
+            loss = chunked_cross_entropy(logits, targets[..., 1:])
+            fabric.backward(loss / accumulation)
+        running_loss.update(loss.detach())
+
+        if not is_accumulating:
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step()
+            step_count += 1
+
+        token_counts["raw_tokens"] += batch["token_counts"]["raw"].sum().item()
+        token_counts["raw_tokens_plus_prompt_template"] += (
+            batch["token_counts"]["raw_plus_prompt_template"].sum().item()
+        )
+        token_counts["raw_tokens_plus_prompt_template_and_padding"] += input_ids.numel()
+        total_lengths += input_ids.numel()
+
+        if iter_num % train.log_interval == 0:
+            loss = running_loss.compute().item()  # device-to-host sync
+            t1 = time.perf_counter()
+            throughput.update(
+                time=t1 - total_t0, batches=iter_num, samples=iter_num * train.micro_batch_size, lengths=total_lengths
+            )
+            throughput.compute_and_log(step=iter_num)
+            metrics = {
+                "loss": loss,
+                "iter": iter_num,
+                "step": step_count,
+                "epoch": train_iterator.epoch,
+                "iter_time": t1 - iter_t0,
+                "tokens": token_counts["raw_tokens_plus_prompt_template"],
+                "learning_rate": scheduler.get_last_lr()[0],
+            }
+            fabric.print(
+                f"Epoch {metrics['epoch'] + 1} | iter {iter_num} step {step_count} | loss train: {loss:.3f},"
+                f" val: {val_loss} | iter time: {metrics['iter_time'] * 1000:.2f} ms"
+                f"{'' if is_accumulating else ' (step)'}"
+            )
+            fabric.log_dict(metrics, step=iter_num)
+
+        if not is_accumulating and step_count % eval.interval == 0:
+            t0 = time.perf_counter()
+            val = validate(fabric, model, val_dataloader, eval)
+            if fabric.global_rank == 0:
+                generate_example(fabric, model, tokenizer, eval, data)
+            val = fabric.all_reduce(val.to(fabric.device), reduce_op="mean")
+            val_loss = f"{val.item():.3f}"
+            fabric.print(f"iter {iter_num}: val loss {val_loss}, val time: {(time.perf_counter() - t0) * 1000:.2f} ms")
+            fabric.log_dict({"val_loss": val.item(), "val_ppl": math.exp(val.item())}, step=iter_num)
+
+        if train.save_interval is not None and not is_accumulating and step_count % train.save_interval == 0:
+            save_checkpoint(fabric, model, model.config, checkpoint_dir, out_dir / f"step-{step_count:06d}", data)
+
+    return {k: int(fabric.all_reduce(torch.tensor(v, device=fabric.device), reduce_op="sum").item())
+            for k, v in token_counts.items()}  # fmt: skip
+
+
+def save_checkpoint(
+    fabric: L.Fabric, model: torch.nn.Module, config: Config, checkpoint_dir: Path, save_dir: Path, data: DataModule
+) -> None:
+    """An adapter dir: the ETHER tensors and everything needed to use them with the base checkpoint."""
+    if fabric.global_rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in ether_state_dict(model).items()}
+        save_adapter(save_dir / ADAPTER_FILE, state, config)
+        copy_config_files(checkpoint_dir, save_dir)
+        save_hyperparameters(setup, save_dir, known_commands=["finetune"])
+        save_prompt_style(data.prompt_style, save_dir)
+    fabric.barrier()

@@ -1,0 +1,134 @@
+"""``litgpt_ether finetune`` end to end through the CLI, on a tiny random model and a learnable task."""
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import litgpt.config
+import litgpt.model
+import pytest
+import torch
+from conftest import read_yaml
+from litgpt.prompts import load_prompt_style
+from litgpt.tokenizer import Tokenizer
+
+from litgpt_ether import GPT, Config, ether_filter, load_base_checkpoint
+from litgpt_ether.merge import ADAPTER_FILE, load_adapter
+
+OUTPUT_FILES = [ADAPTER_FILE, "lit_model.pth", "model_config.yaml", "hyperparameters.yaml", "prompt_style.yaml",
+                "tokenizer.json", "tokenizer_config.json"]  # fmt: skip
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "litgpt_ether", *args], capture_output=True, text=True, timeout=600)
+
+
+TINY_PRESET = Path(__file__).parents[1] / "config_hub" / "finetune" / "tiny" / "etherplus.yaml"
+
+
+def finetune_args(checkpoint_dir: Path, dataset_path: Path, out_dir: Path, *extra: str) -> list[str]:
+    """The tiny preset, pointed at the fixtures by CLI overrides."""
+    return [
+        "finetune", "--config", str(TINY_PRESET), str(checkpoint_dir), "--out_dir", str(out_dir),
+        "--data.json_path", str(dataset_path), *extra,
+    ]  # fmt: skip
+
+
+def logged_losses(out_dir: Path) -> list[float]:
+    with open(out_dir / "logs" / "csv" / "version_0" / "metrics.csv") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f) if row.get("loss")]
+
+
+@pytest.mark.parametrize("method", ["ether", "etherplus"])
+def test_finetune_learns_and_writes_reloadable_outputs(checkpoint_dir, dataset_path, tmp_path, method):
+    out_dir = tmp_path / "out"
+    result = run_cli(*finetune_args(checkpoint_dir, dataset_path, out_dir, "--ether_method", method))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    losses = logged_losses(out_dir)
+    assert len(losses) == 40
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.9 * first, (first, last)
+
+    final = out_dir / "final"
+    for name in OUTPUT_FILES:
+        assert (final / name).is_file(), name
+        assert (out_dir / "step-000020" / name).is_file() or name == "lit_model.pth", name
+    hparams = read_yaml(final / "hyperparameters.yaml")
+    assert hparams["ether_method"] == method and hparams["ether_nb"] == 2 and hparams["ether_head"] is True
+    assert type(load_prompt_style(final)).__name__ == "Alpaca"
+    assert Tokenizer(final).vocab_size == Tokenizer(checkpoint_dir).vocab_size
+
+    # the adapter holds ETHER tensors only and rebuilds the model around the base checkpoint
+    ether_state, ether_args = load_adapter(final / ADAPTER_FILE)
+    assert ether_state and all(ether_filter(k, v) for k, v in ether_state.items())
+    config = Config.from_file(checkpoint_dir / "model_config.yaml", **ether_args)
+    assert config.ether_method == method and config.ether_head and config.ether_query and config.ether_value
+    tuned = GPT(config)
+    load_base_checkpoint(tuned, checkpoint_dir / "lit_model.pth")
+    tuned.load_state_dict(ether_state, strict=False)
+    step_state, _ = load_adapter(out_dir / "step-000020" / ADAPTER_FILE)
+    assert any(not torch.equal(step_state[k], ether_state[k]) for k in ether_state)  # training moved on
+
+    # the merged checkpoint is plain litgpt: its own config, strict load, same outputs as base + adapter
+    plain = litgpt.model.GPT(litgpt.config.Config.from_file(final / "model_config.yaml"))
+    plain.load_state_dict(torch.load(final / "lit_model.pth", weights_only=True), strict=True)
+    base = litgpt.model.GPT(plain.config)
+    base.load_state_dict(torch.load(checkpoint_dir / "lit_model.pth", weights_only=True))
+    idx = torch.randint(0, plain.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(idx), tuned(idx), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(plain(idx), base(idx), atol=1e-3)
+
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_nb_not_dividing_is_a_one_line_error(checkpoint_dir, dataset_path, tmp_path):
+    result = run_cli(*finetune_args(checkpoint_dir, dataset_path, tmp_path / "out", "--ether_nb", "3"))
+    assert result.returncode != 0
+    assert last_line(result) == "litgpt_ether: error: ether_nb=3 does not divide lm_head input (size 32)"
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_target_is_an_error(checkpoint_dir, dataset_path, tmp_path):
+    off = ["--ether_query", "--ether_value", "--ether_projection", "--ether_mlp", "--ether_head"]
+    args = finetune_args(checkpoint_dir, dataset_path, tmp_path / "out", *(a for flag in off for a in (flag, "false")))
+    result = run_cli(*args)
+    assert result.returncode != 0
+    assert last_line(result).startswith("litgpt_ether: error: no ETHER target enabled")
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_checkpoint_dir_is_a_clear_error(dataset_path, tmp_path):
+    result = run_cli(*finetune_args(tmp_path / "nowhere", dataset_path, tmp_path / "out"))
+    assert result.returncode != 0
+    assert "is not a checkpoint directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_incomplete_checkpoint_dir_names_the_missing_files(checkpoint_dir, dataset_path, tmp_path):
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(checkpoint_dir, incomplete)
+    (incomplete / "tokenizer.json").unlink()
+    (incomplete / "lit_model.pth").unlink()
+    result = run_cli(*finetune_args(incomplete, dataset_path, tmp_path / "out"))
+    assert result.returncode != 0
+    assert "is missing the files: ['lit_model.pth', 'tokenizer.json OR tokenizer.model']" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_global_batch_smaller_than_one_micro_batch_per_device_is_a_one_line_error(
+    checkpoint_dir, dataset_path, tmp_path
+):
+    result = run_cli(*finetune_args(checkpoint_dir, dataset_path, tmp_path / "out", "--devices", "2"))
+    assert result.returncode != 0
+    assert last_line(result) == (
+        "litgpt_ether: error: train.global_batch_size=8 is smaller than devices x num_nodes x"
+        " train.micro_batch_size = 16"
+    )
+    assert "Traceback" not in result.stderr
