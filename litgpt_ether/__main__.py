@@ -8,8 +8,9 @@ from litgpt.utils import CLI
 
 from litgpt_ether.ether import ConfigError
 from litgpt_ether.finetune import setup as finetune_fn
+from litgpt_ether.merge import merge as merge_fn
 
-COMMANDS = {"finetune": finetune_fn}
+COMMANDS = {"finetune": finetune_fn, "merge": merge_fn}
 
 
 def main() -> None:

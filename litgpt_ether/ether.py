@@ -27,7 +27,6 @@ import litgpt.model
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lightning.fabric.utilities.load import _lazy_load as lazy_load
 from litgpt.config import Config as BaseConfig
 from typing_extensions import Self
 
@@ -74,13 +73,13 @@ class Config(BaseConfig):
     def ether_qkv(self) -> tuple[bool, bool, bool]:
         return (self.ether_query, self.ether_key, self.ether_value)
 
+    @classmethod
+    def ether_field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name.startswith("ether_")]
+
     def ether_args(self) -> dict[str, Any]:
         """The ETHER fields alone: what an adapter file needs to rebuild the model with a base config."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith("ether_")}
-
-
-def ether_fields() -> list[str]:
-    return [f.name for f in fields(Config) if f.name.startswith("ether_")]
+        return {name: getattr(self, name) for name in self.ether_field_names()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,11 +322,14 @@ def ether_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if ether_filter(k, v)}
 
 
-def load_base_checkpoint(model: nn.Module, checkpoint_path: Path) -> None:
-    """Load an unmodified litgpt ``lit_model.pth``: every key must match, except the ETHER ones."""
-    state_dict = lazy_load(checkpoint_path)
+def load_base_checkpoint(model: nn.Module, checkpoint_path: Path, assign: bool = False) -> None:
+    """Load an unmodified litgpt ``lit_model.pth``: every key must match, except the ETHER ones.
+
+    ``assign=True`` adopts the (memory-mapped) tensors instead of copying: for a model built on "meta".
+    """
+    state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
     state_dict = state_dict.get("model", state_dict)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=assign)
     missing = [k for k in missing if not ether_filter(k, None)]
     if missing or unexpected:
         raise ConfigError(

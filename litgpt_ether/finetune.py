@@ -46,6 +46,7 @@ from litgpt.utils import (
 from torch.utils.data import ConcatDataset, DataLoader
 from torchmetrics import RunningMean
 
+from litgpt_ether.checkpoint import ADAPTER_FILE, Resolved, merge_adapter, save_adapter
 from litgpt_ether.ether import (
     GPT,
     Config,
@@ -54,7 +55,6 @@ from litgpt_ether.ether import (
     load_base_checkpoint,
     mark_only_ether_as_trainable,
 )
-from litgpt_ether.merge import ADAPTER_FILE, merge_adapter, save_adapter
 
 
 def setup(
@@ -197,7 +197,7 @@ def main(
     final_dir = out_dir / "final"
     save_checkpoint(fabric, model, config, checkpoint_dir, final_dir, data)
     if fabric.global_rank == 0:
-        merge_adapter(final_dir / ADAPTER_FILE, checkpoint_dir, final_dir / "lit_model.pth")
+        merge_adapter(Resolved(final_dir, checkpoint_dir, final_dir / ADAPTER_FILE), final_dir)
         fabric.print(f"Saved the ETHER adapter and the merged model to {str(final_dir)!r}")
     fabric.barrier()
 

@@ -1,35 +1,26 @@
-"""Fold an ETHER adapter into its base checkpoint, giving weights plain litgpt can load."""
+"""``litgpt_ether merge``: fold an ETHER adapter into its base model, giving a checkpoint plain litgpt loads."""
 
 from pathlib import Path
 
-import torch
-
-from litgpt_ether.ether import GPT, Config, ConfigError, merge_ether
-
-ADAPTER_FILE = "lit_model.pth.ether"
+from litgpt_ether.checkpoint import ADAPTER_FILE, merge_adapter, resolve
+from litgpt_ether.ether import ConfigError
 
 
-def save_adapter(path: Path, state_dict: dict[str, torch.Tensor], config: Config) -> None:
-    """An adapter file: the ETHER tensors plus the ETHER options that rebuild the model around a base config."""
-    torch.save({"model": state_dict, "ether": config.ether_args()}, path)
+def merge(checkpoint_dir: Path, base_checkpoint_dir: Path | None = None, out_dir: Path | None = None) -> None:
+    """Merge an ETHER adapter into its base model: ``W' = H_out W H_in`` per layer, in fp32, cast to the base dtype.
 
+    Writes a standard litgpt checkpoint directory (weights, model config, tokenizer, prompt style). Nothing is
+    written when the adapter does not fit the base model or the merge gives non-finite weights.
 
-def load_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    adapter = torch.load(path, mmap=True, weights_only=True)
-    return adapter["model"], adapter["ether"]
-
-
-def merge_adapter(adapter_path: Path, base_checkpoint_dir: Path, out_path: Path) -> None:
-    """Write ``H_out W H_in`` for every ETHER layer (fp32 math, base dtype) and the base weights elsewhere."""
-    ether_state, ether_args = load_adapter(adapter_path)
-    config = Config.from_file(base_checkpoint_dir / "model_config.yaml", **ether_args)
-    with torch.device("meta"):
-        model = GPT(config)
-    base_state = torch.load(base_checkpoint_dir / "lit_model.pth", mmap=True, weights_only=True)
-    base_state = base_state.get("model", base_state)
-    model.load_state_dict(base_state | ether_state, assign=True)
-    merged = merge_ether(model).state_dict()
-    bad = [k for k, v in merged.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ConfigError(f"merging {adapter_path} gives non-finite weights in {bad[:3]}; nothing written")
-    torch.save(merged, out_path)
+    Arguments:
+        checkpoint_dir: A finetune ``out_dir``, its ``final/`` or ``step-*`` directory, or an adapter file
+            (``lit_model.pth.ether``).
+        base_checkpoint_dir: The base model's checkpoint directory. Defaults to the one recorded in the adapter's
+            ``hyperparameters.yaml``; set it if the base model has moved.
+        out_dir: Where to write the merged checkpoint. Defaults to the adapter's own directory.
+    """
+    resolved = resolve(checkpoint_dir, base_checkpoint_dir, prefer_adapter=True)
+    if resolved.adapter is None:
+        raise ConfigError(f"{str(checkpoint_dir)!r} holds no ETHER adapter ({ADAPTER_FILE})")
+    path = merge_adapter(resolved, Path(out_dir) if out_dir is not None else resolved.files_dir)
+    print(f"Saved the merged model to {str(path)!r}")

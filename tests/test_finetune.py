@@ -15,7 +15,7 @@ from litgpt.prompts import load_prompt_style
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_ether import GPT, Config, ether_filter, load_base_checkpoint
-from litgpt_ether.merge import ADAPTER_FILE, load_adapter
+from litgpt_ether.checkpoint import ADAPTER_FILE, load_adapter
 
 OUTPUT_FILES = [ADAPTER_FILE, "lit_model.pth", "model_config.yaml", "hyperparameters.yaml", "prompt_style.yaml",
                 "tokenizer.json", "tokenizer_config.json"]  # fmt: skip

@@ -1,0 +1,155 @@
+"""Adapter files and checkpoint directories: the one place that reads, writes and resolves them.
+
+An adapter file (``lit_model.pth.ether``) holds the ETHER tensors and the ETHER options; the base
+model's own ``model_config.yaml`` and ``lit_model.pth`` supply the rest. Every verb that reads a
+finetune output goes through ``resolve`` and ``load_model``, so merged and unmerged outputs behave
+the same everywhere.
+"""
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import litgpt.config
+import litgpt.model
+import torch
+import yaml
+from litgpt.utils import check_valid_checkpoint_dir, copy_config_files
+
+from litgpt_ether.ether import GPT, Config, ConfigError, ether_filter, load_base_checkpoint, merge_ether
+
+ADAPTER_FILE = "lit_model.pth.ether"
+MODEL_FILE = "lit_model.pth"
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary name, then rename: a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_adapter(path: Path, state_dict: dict[str, torch.Tensor], config: Config) -> None:
+    """The ETHER tensors plus the ETHER options that rebuild the model around a base config."""
+    atomic_save({"model": state_dict, "ether": config.ether_args()}, path)
+
+
+def load_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    try:
+        adapter = torch.load(path, map_location="cpu", weights_only=True)
+        state, ether_args = adapter["model"], adapter["ether"]
+    except FileNotFoundError:
+        raise ConfigError(f"adapter file {str(path)!r} does not exist") from None
+    except Exception as err:
+        raise ConfigError(f"{str(path)!r} is not a readable ETHER adapter ({type(err).__name__}: {err})") from None
+    unknown = set(ether_args) - set(Config.ether_field_names())
+    if unknown or not all(ether_filter(k, v) for k, v in state.items()):
+        raise ConfigError(f"{str(path)!r} is not an ETHER adapter (unknown options {sorted(unknown)})")
+    return state, ether_args
+
+
+@dataclass
+class Resolved:
+    """What a verb needs from a user-given path: where the files are, and whether an adapter must be applied."""
+
+    files_dir: Path  # tokenizer, configs and prompt style live here
+    base_dir: Path  # the checkpoint whose lit_model.pth supplies the frozen weights
+    adapter: Path | None  # None: files_dir holds merged (or plain) weights
+
+
+def resolve(path: Path, base_checkpoint_dir: Path | None = None, prefer_adapter: bool = False) -> Resolved:
+    """Accept a litgpt checkpoint dir, a finetune ``out_dir``, its ``final/`` or ``step-*`` dir, or an adapter file.
+
+    Merged weights are used when present, unless ``prefer_adapter``; otherwise the adapter is applied on
+    the fly to the base checkpoint named in ``hyperparameters.yaml`` (or ``base_checkpoint_dir``).
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / MODEL_FILE).is_file() and not (path / ADAPTER_FILE).is_file():
+        if (path / "final").is_dir():
+            path = path / "final"
+    adapter = path if path.is_file() else path / ADAPTER_FILE
+    files_dir = adapter.parent
+    if not adapter.is_file() or (not prefer_adapter and (files_dir / MODEL_FILE).is_file()):
+        check_valid_checkpoint_dir(files_dir, raise_error=False)  # litgpt's clear message and exit
+        return Resolved(files_dir, files_dir, None)
+    base = Path(base_checkpoint_dir) if base_checkpoint_dir is not None else base_checkpoint_of(files_dir)
+    check_valid_checkpoint_dir(base, raise_error=False)
+    return Resolved(files_dir, base, adapter)
+
+
+def base_checkpoint_of(adapter_dir: Path) -> Path:
+    hparams = adapter_dir / "hyperparameters.yaml"
+    if not hparams.is_file():
+        raise ConfigError(
+            f"{str(adapter_dir)!r} has no hyperparameters.yaml naming its base model: pass --base_checkpoint_dir"
+        )
+    return Path(yaml.safe_load(hparams.read_text())["checkpoint_dir"])
+
+
+def build_config(resolved: Resolved) -> tuple[litgpt.config.Config, dict[str, torch.Tensor] | None]:
+    """The model config (an ETHER ``Config`` when an adapter applies) and the adapter tensors."""
+    if resolved.adapter is None:
+        return litgpt.config.Config.from_file(resolved.files_dir / "model_config.yaml"), None
+    state, ether_args = load_adapter(resolved.adapter)
+    return Config.from_file(resolved.base_dir / "model_config.yaml", **ether_args), state
+
+
+def instantiate(config: litgpt.config.Config) -> litgpt.model.GPT:
+    return GPT(config) if isinstance(config, Config) else litgpt.model.GPT(config)
+
+
+def check_adapter_fits(model: litgpt.model.GPT, adapter_state: dict[str, torch.Tensor], resolved: Resolved) -> None:
+    """Every ETHER tensor the model has, with the model's shape, and nothing else."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if ether_filter(k, v)}
+    got = {k: tuple(v.shape) for k, v in adapter_state.items()}
+    if expected != got:
+        diff = sorted(set(expected.items()) ^ set(got.items()))[:2]
+        raise ConfigError(
+            f"adapter {str(resolved.adapter)!r} does not fit base model {str(resolved.base_dir)!r}"
+            f" (first differing tensors: {diff})"
+        )
+
+
+def load_weights(
+    model: litgpt.model.GPT, resolved: Resolved, adapter_state: dict[str, torch.Tensor] | None, assign: bool = False
+) -> None:
+    """Base weights strictly (but for ETHER keys), then the adapter, checked to fit before it is loaded."""
+    if adapter_state is not None:
+        check_adapter_fits(model, adapter_state, resolved)
+    load_base_checkpoint(model, resolved.base_dir / MODEL_FILE, assign=assign)
+    if adapter_state is not None:
+        model.load_state_dict(adapter_state, strict=False, assign=assign)
+
+
+def load_model(resolved: Resolved) -> litgpt.model.GPT:
+    """A model ready for inference on the CPU: plain litgpt when merged, ETHER layers when not."""
+    config, adapter_state = build_config(resolved)
+    model = instantiate(config)
+    load_weights(model, resolved, adapter_state)
+    return model.eval()
+
+
+def merge_adapter(resolved: Resolved, out_dir: Path) -> Path:
+    """Write a standard litgpt checkpoint dir: ``H_out W H_in`` (fp32 math, base dtype) and everything around it.
+
+    Validates everything before writing, and writes the weights atomically: a failed merge leaves nothing.
+    """
+    assert resolved.adapter is not None
+    config, adapter_state = build_config(resolved)
+    with torch.device("meta"):
+        model = instantiate(config)
+    load_weights(model, resolved, adapter_state, assign=True)
+    merged = merge_ether(model).state_dict()
+    bad = [k for k, v in merged.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ConfigError(f"merging {str(resolved.adapter)!r} gives non-finite weights in {bad[:3]}; nothing written")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copy_config_files(resolved.base_dir, out_dir)
+    for name in ("prompt_style.yaml", "hyperparameters.yaml"):
+        if (resolved.files_dir / name).is_file() and resolved.files_dir != out_dir:
+            shutil.copy(resolved.files_dir / name, out_dir / name)
+    atomic_save(merged, out_dir / MODEL_FILE)
+    return out_dir / MODEL_FILE
