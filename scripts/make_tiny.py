@@ -71,6 +71,7 @@ def make_checkpoint(directory: Path, seed: int = 0) -> Path:
         norm_class_name="RMSNorm",
         bias=False,
         parallel_residual=False,
+        rotary_percentage=1.0,
     )
     torch.manual_seed(seed)
     torch.save(litgpt.model.GPT(config).state_dict(), directory / "lit_model.pth")

@@ -1,9 +1,12 @@
 """Tiny litgpt models, a tokenizer and a dataset built on the spot: the suite never downloads."""
 
+import subprocess
 import sys
 from pathlib import Path
 
+import litgpt.config
 import pytest
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
@@ -40,6 +43,73 @@ def checkpoint_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def dataset_path(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "reverse.json")
+
+
+TINY_PRESET = Path(__file__).parents[1] / "config_hub" / "finetune" / "tiny" / "etherplus.yaml"
+
+
+def run_cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    """``litgpt_ether ARGS`` in a fresh process, as a user runs it."""
+    cmd = [sys.executable, "-m", "litgpt_ether", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, input=input)
+
+
+def finetune_args(checkpoint_dir: Path, dataset_path: Path, out_dir: Path, *extra: str) -> list[str]:
+    """The tiny preset, pointed at the fixtures by CLI overrides."""
+    return [
+        "finetune", "--config", str(TINY_PRESET), str(checkpoint_dir), "--out_dir", str(out_dir),
+        "--data.json_path", str(dataset_path), *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def finetune_out(checkpoint_dir, dataset_path, tmp_path_factory) -> Path:
+    """One real ETHER+ finetune run (tiny preset, 40 steps), shared by the tests of the after-tuning verbs.
+
+    Its ``final/`` holds both the adapter and the merged weights; ``step-000020/`` holds an adapter only.
+    Tests must not modify it: copy it first.
+    """
+    out_dir = tmp_path_factory.mktemp("finetune") / "out"
+    result = run_cli(*finetune_args(checkpoint_dir, dataset_path, out_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out_dir
+
+
+def export_to_hf(litgpt_dir: Path, out_dir: Path) -> Path:
+    """Convert a litgpt checkpoint of the tiny LLaMA-style model to a Hugging Face directory.
+
+    litgpt's ``convert_from_litgpt`` writes the weights; transformers needs a ``config.json`` too, built
+    here from the litgpt config (what ``litgpt download`` would have fetched for a real model).
+    """
+    from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint
+    from transformers import LlamaConfig
+
+    convert_lit_checkpoint(litgpt_dir, out_dir)
+    c = litgpt.config.Config.from_file(litgpt_dir / "model_config.yaml")
+    assert c.mlp_class_name == "LLaMAMLP" and not c.bias, "export_to_hf only knows the tiny LLaMA-style model"
+    LlamaConfig(
+        vocab_size=c.padded_vocab_size,
+        hidden_size=c.n_embd,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_query_groups,
+        head_dim=c.head_size,
+        max_position_embeddings=c.block_size,
+        rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_base,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    ).save_pretrained(out_dir)
+    state = torch.load(out_dir / "model.pth", weights_only=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, out_dir / "model.safetensors")
+    (out_dir / "model.pth").unlink()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out_dir / name).write_bytes((litgpt_dir / name).read_bytes())
+    return out_dir
 
 
 def read_yaml(path: Path) -> dict:

@@ -3,14 +3,13 @@
 import csv
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import litgpt.config
 import litgpt.model
 import pytest
 import torch
-from conftest import read_yaml
+from conftest import finetune_args, read_yaml, run_cli
 from litgpt.prompts import load_prompt_style
 from litgpt.tokenizer import Tokenizer
 
@@ -19,21 +18,6 @@ from litgpt_ether.checkpoint import ADAPTER_FILE, load_adapter
 
 OUTPUT_FILES = [ADAPTER_FILE, "lit_model.pth", "model_config.yaml", "hyperparameters.yaml", "prompt_style.yaml",
                 "tokenizer.json", "tokenizer_config.json"]  # fmt: skip
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "litgpt_ether", *args], capture_output=True, text=True, timeout=600)
-
-
-TINY_PRESET = Path(__file__).parents[1] / "config_hub" / "finetune" / "tiny" / "etherplus.yaml"
-
-
-def finetune_args(checkpoint_dir: Path, dataset_path: Path, out_dir: Path, *extra: str) -> list[str]:
-    """The tiny preset, pointed at the fixtures by CLI overrides."""
-    return [
-        "finetune", "--config", str(TINY_PRESET), str(checkpoint_dir), "--out_dir", str(out_dir),
-        "--data.json_path", str(dataset_path), *extra,
-    ]  # fmt: skip
 
 
 def logged_losses(out_dir: Path) -> list[float]:
