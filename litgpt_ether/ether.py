@@ -119,7 +119,9 @@ def reflect_through(x: torch.Tensor, weight: torch.Tensor, terms: Sequence[tuple
 class Reflection(nn.Module):
     """The trainable vectors of one side: ``u`` (and ``v`` for ETHER+), each ``(n, size // n)``."""
 
-    def __init__(self, size: int, n_blocks: int, plus: bool, device: torch.device | None = None, dtype=None) -> None:
+    def __init__(
+        self, size: int, n_blocks: int, plus: bool, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         self.u = nn.Parameter(torch.empty(n_blocks, size // n_blocks, device=device, dtype=dtype))
         self.v = nn.Parameter(torch.empty_like(self.u)) if plus else None
@@ -144,10 +146,6 @@ class Reflection(nn.Module):
         return reflect(z, self.terms(z.dtype))
 
 
-def _dropout(p: float) -> nn.Module:
-    return nn.Dropout(p) if p > 0 else nn.Identity()
-
-
 def _new_reflection(config: Config, size: int, like: torch.Tensor, where: str) -> Reflection:
     n = config.ether_nb
     if size % n:
@@ -155,17 +153,31 @@ def _new_reflection(config: Config, size: int, like: torch.Tensor, where: str) -
     return Reflection(size, n, config.ether_plus, device=like.device, dtype=like.dtype)
 
 
-class ETHERLinear(nn.Linear):
-    """A frozen ``nn.Linear`` with reflections on its input and/or output; base state-dict keys unchanged."""
+class ETHERLayer(nn.Linear):
+    """Base of the ETHER layers: adopts a frozen linear's weight and bias, so nothing is reallocated and
+    base state-dict keys stay as they are."""
 
-    def __init__(self, linear: nn.Linear, config: Config, name: str, in_side: bool, out_side: bool) -> None:
-        nn.Module.__init__(self)  # reuse the existing weight instead of allocating a new one
+    def __init__(self, linear: nn.Linear, config: Config) -> None:
+        nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
+        self.ether_dropout = nn.Dropout(config.ether_dropout) if config.ether_dropout > 0 else nn.Identity()
+
+    def add_bias(self, z: torch.Tensor) -> torch.Tensor:
+        return z if self.bias is None else z + self.bias
+
+    def merged_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ETHERLinear(ETHERLayer):
+    """A linear with reflections on its input and/or output."""
+
+    def __init__(self, linear: nn.Linear, config: Config, name: str, in_side: bool, out_side: bool) -> None:
+        super().__init__(linear, config)
         w = linear.weight
         self.ether_in = _new_reflection(config, self.in_features, w, f"{name} input") if in_side else None
         self.ether_out = _new_reflection(config, self.out_features, w, f"{name} output") if out_side else None
-        self.ether_dropout = _dropout(config.ether_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ether_dropout(x)
@@ -173,8 +185,7 @@ class ETHERLinear(nn.Linear):
             x = self.ether_in(x)
         if self.ether_out is None:
             return F.linear(x, self.weight, self.bias)
-        z = self.ether_out(F.linear(x, self.weight))
-        return z if self.bias is None else z + self.bias
+        return self.add_bias(self.ether_out(F.linear(x, self.weight)))
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
@@ -187,7 +198,7 @@ class ETHERLinear(nn.Linear):
         return w.to(self.weight.dtype)
 
 
-class ETHERQKVLinear(nn.Linear):
+class ETHERQKVLinear(ETHERLayer):
     """litgpt's fused ``[q | k | v]`` projection with a separate reflection per targeted segment.
 
     Output side: each targeted segment's slice of the fused matmul is reflected. Input side
@@ -195,50 +206,39 @@ class ETHERQKVLinear(nn.Linear):
     """
 
     def __init__(self, linear: nn.Linear, config: Config, name: str) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
+        super().__init__(linear, config)
         q_size = config.n_head * config.head_size
         kv_size = config.n_query_groups * config.head_size
         self.sizes = (q_size, kv_size, kv_size)
-        self.segments = [s for s, on in zip("qkv", config.ether_qkv) if on]
+        self.segments = [(i, s) for i, (s, on) in enumerate(zip("qkv", config.ether_qkv)) if on]
         w = linear.weight
         self.ether_out = nn.ModuleDict(
-            {s: _new_reflection(config, self.sizes["qkv".index(s)], w, f"{name} ({s}) output") for s in self.segments}
+            {s: _new_reflection(config, self.sizes[i], w, f"{name} ({s}) output") for i, s in self.segments}
         )
-        self.ether_in = (
-            nn.ModuleDict(
-                {s: _new_reflection(config, self.in_features, w, f"{name} ({s}) input") for s in self.segments}
+        self.ether_in = None
+        if config.ether_two_sided:
+            self.ether_in = nn.ModuleDict(
+                {s: _new_reflection(config, self.in_features, w, f"{name} ({s}) input") for _, s in self.segments}
             )
-            if config.ether_two_sided
-            else None
-        )
-        self.ether_dropout = _dropout(config.ether_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ether_dropout(x)
         parts = list(F.linear(x, self.weight).split(self.sizes, dim=-1))  # [(..., q), (..., k), (..., v)]
-        w_parts = self.weight.split(self.sizes, dim=0)
-        for s in self.segments:
-            i = "qkv".index(s)
+        for i, s in self.segments:
             if self.ether_in is not None:
-                parts[i] = parts[i] + reflect_through(x, w_parts[i], self.ether_in[s].terms(x.dtype))
+                w_s = self.weight.split(self.sizes, dim=0)[i]
+                parts[i] = parts[i] + reflect_through(x, w_s, self.ether_in[s].terms(x.dtype))
             parts[i] = self.ether_out[s](parts[i])
-        z = torch.cat(parts, dim=-1)
-        return z if self.bias is None else z + self.bias
+        return self.add_bias(torch.cat(parts, dim=-1))
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         parts = list(self.weight.float().split(self.sizes, dim=0))
-        for s in self.segments:
-            i = "qkv".index(s)
+        for i, s in self.segments:
             if self.ether_in is not None:
                 parts[i] = reflect(parts[i], self.ether_in[s].terms(torch.float32))
             parts[i] = reflect(parts[i].T, self.ether_out[s].terms(torch.float32)).T
         return torch.cat(parts, dim=0).to(self.weight.dtype)
-
-
-ETHERLayer = ETHERLinear | ETHERQKVLinear
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,7 +304,7 @@ class GPT(litgpt.model.GPT):
 
 def ether_layers(model: nn.Module) -> Iterator[tuple[str, ETHERLayer]]:
     for name, module in model.named_modules():
-        if isinstance(module, (ETHERLinear, ETHERQKVLinear)):
+        if isinstance(module, ETHERLayer):
             yield name, module
 
 
