@@ -6,11 +6,20 @@ import warnings
 import torch
 from litgpt.utils import CLI
 
+from litgpt_ether.chat import main as chat_fn
 from litgpt_ether.ether import ConfigError
+from litgpt_ether.evaluate import evaluate as evaluate_fn
 from litgpt_ether.finetune import setup as finetune_fn
+from litgpt_ether.generate import main as generate_fn
 from litgpt_ether.merge import merge as merge_fn
 
-COMMANDS = {"finetune": finetune_fn, "merge": merge_fn}
+COMMANDS = {
+    "finetune": finetune_fn,
+    "merge": merge_fn,
+    "generate": generate_fn,
+    "chat": chat_fn,
+    "evaluate": evaluate_fn,
+}
 
 
 def main() -> None:

@@ -62,10 +62,12 @@ class Resolved:
 def resolve(path: Path, base_checkpoint_dir: Path | None = None, prefer_adapter: bool = False) -> Resolved:
     """Accept a litgpt checkpoint dir, a finetune ``out_dir``, its ``final/`` or ``step-*`` dir, or an adapter file.
 
-    Merged weights are used when present, unless ``prefer_adapter``; otherwise the adapter is applied on
-    the fly to the base checkpoint named in ``hyperparameters.yaml`` (or ``base_checkpoint_dir``).
+    Merged weights are used when present, unless ``prefer_adapter`` or ``path`` is the adapter file itself;
+    otherwise the adapter is applied on the fly to the base checkpoint named in ``hyperparameters.yaml`` (or
+    ``base_checkpoint_dir``).
     """
     path = Path(path)
+    prefer_adapter = prefer_adapter or path.is_file()
     if path.is_dir() and not (path / MODEL_FILE).is_file() and not (path / ADAPTER_FILE).is_file():
         if (path / "final").is_dir():
             path = path / "final"
@@ -85,7 +87,13 @@ def base_checkpoint_of(adapter_dir: Path) -> Path:
         raise ConfigError(
             f"{str(adapter_dir)!r} has no hyperparameters.yaml naming its base model: pass --base_checkpoint_dir"
         )
-    return Path(yaml.safe_load(hparams.read_text())["checkpoint_dir"])
+    base = Path(yaml.safe_load(hparams.read_text())["checkpoint_dir"])
+    if not base.is_dir():
+        raise ConfigError(
+            f"the base model {str(base)!r} named in {str(hparams)!r} is not a directory here:"
+            " pass --base_checkpoint_dir"
+        )
+    return base
 
 
 def build_config(resolved: Resolved) -> tuple[litgpt.config.Config, dict[str, torch.Tensor] | None]:
@@ -124,10 +132,16 @@ def load_weights(
 
 
 def load_model(resolved: Resolved) -> litgpt.model.GPT:
-    """A model ready for inference on the CPU: plain litgpt when merged, ETHER layers when not."""
+    """A model ready for inference: plain litgpt when merged, ETHER layers when not.
+
+    Built on the meta device and filled with the checkpoint's own (memory-mapped) tensors, so a 7B
+    model costs no fp32 copy in RAM; the caller moves it to its device and precision.
+    """
     config, adapter_state = build_config(resolved)
-    model = instantiate(config)
-    load_weights(model, resolved, adapter_state)
+    with torch.device("meta"):
+        model = instantiate(config)
+    load_weights(model, resolved, adapter_state, assign=True)
+    model.cos, model.sin = model.rope_cache(device=torch.device("cpu"))  # non-persistent: not in the checkpoint
     return model.eval()
 
 
