@@ -11,6 +11,7 @@ from litgpt_ether.ether import ConfigError
 from litgpt_ether.evaluate import evaluate as evaluate_fn
 from litgpt_ether.finetune import setup as finetune_fn
 from litgpt_ether.generate import main as generate_fn
+from litgpt_ether.inspect import inspect as inspect_fn
 from litgpt_ether.merge import merge as merge_fn
 
 COMMANDS = {
@@ -19,6 +20,7 @@ COMMANDS = {
     "generate": generate_fn,
     "chat": chat_fn,
     "evaluate": evaluate_fn,
+    "inspect": inspect_fn,
 }
 
 

@@ -7,6 +7,7 @@ used as they are.
 """
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -26,8 +27,9 @@ from litgpt.finetune.lora import (
     validate,
     validate_args,
 )
+from litgpt.generate.base import generate_fn
 from litgpt.parser_config import save_hyperparameters
-from litgpt.prompts import save_prompt_style
+from litgpt.prompts import PromptStyle, save_prompt_style
 from litgpt.tokenizer import Tokenizer
 from litgpt.types import LoggerChoice
 from litgpt.utils import (
@@ -89,6 +91,7 @@ def setup(
     optimizer: str | dict = "AdamW",
     logger_name: LoggerChoice = "csv",
     seed: int = 1337,
+    test_data: Path | None = None,
 ) -> None:
     """Finetune a model with ETHER or ETHER+.
 
@@ -119,6 +122,9 @@ def setup(
         optimizer: An optimizer name (such as "AdamW") or config.
         logger_name: The name of the logger to send metrics to.
         seed: The random seed to use for reproducibility.
+        test_data: Optional held-out samples (an Alpaca-format JSON list with ``instruction``, ``input``,
+            ``output``): the model's greedy answers to them are scored by exact match before and after tuning,
+            and reported in the final summary.
     """
     ether_args = {k: v for k, v in locals().items() if k.startswith("ether_")}
     pprint(locals())
@@ -145,7 +151,10 @@ def setup(
     )
     strategy = "ddp" if devices * num_nodes > 1 else "auto"
     fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger)
-    fabric.launch(main, devices, seed, config, data, checkpoint_dir, out_dir, train, eval, optimizer, num_nodes)
+    test_rows = load_test_rows(test_data) if test_data is not None else None
+    fabric.launch(
+        main, devices, seed, config, data, checkpoint_dir, out_dir, train, eval, optimizer, num_nodes, test_rows
+    )
 
 
 def main(
@@ -160,6 +169,7 @@ def main(
     eval: EvalArgs,
     optimizer: str | dict,
     num_nodes: int = 1,
+    test_rows: list[dict] | None = None,
 ) -> None:
     validate_args(train, eval)
 
@@ -183,23 +193,83 @@ def main(
     optimizer = fabric.setup_optimizers(instantiate_torch_optimizer(optimizer, trainable))
     scheduler = get_lr_scheduler(optimizer, warmup_steps=train.lr_warmup_steps, max_steps=lr_max_steps)
 
+    summary = {"trainable_parameters": num_parameters(model, requires_grad=True)}
+    if test_rows:
+        summary["exact_match_before"] = exact_match(fabric, model, tokenizer, data.prompt_style, test_rows, eval)
+        fabric.print(
+            f"Held-out exact match before tuning: {summary['exact_match_before']:.1%} ({len(test_rows)} samples)"
+        )
+
     train_time = time.perf_counter()
     token_counts = fit(fabric, model, optimizer, scheduler, train_dataloader, val_dataloader, devices,
                        checkpoint_dir, out_dir, train, eval, data, num_nodes)  # fmt: skip
     training_time = time.perf_counter() - train_time
     fabric.print(create_finetuning_performance_report(training_time, token_counts, fabric.device.type))
 
+    summary["training_seconds"] = training_time
+    summary["tokens_per_second"] = token_counts["raw_tokens_plus_prompt_template_and_padding"] / training_time
     if eval.final_validation:
         val_loss = validate(fabric, model, val_dataloader, dataclasses.replace(eval, max_iters=len(val_dataloader)))
         fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
         fabric.print(f"Final evaluation | val loss: {val_loss.item():.3f} | val ppl: {math.exp(val_loss):.3f}")
+        summary["val_loss"] = val_loss.item()
+    if test_rows:
+        summary["exact_match_after"] = exact_match(fabric, model, tokenizer, data.prompt_style, test_rows, eval)
 
     final_dir = out_dir / "final"
     save_checkpoint(fabric, model, config, checkpoint_dir, final_dir, data)
     if fabric.global_rank == 0:
         merge_adapter(Resolved(final_dir, checkpoint_dir, final_dir / ADAPTER_FILE), final_dir)
+        (final_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         fabric.print(f"Saved the ETHER adapter and the merged model to {str(final_dir)!r}")
+        fabric.print(format_summary(summary))
     fabric.barrier()
+
+
+def format_summary(summary: dict) -> str:
+    """The run in one line: what a user wants to see last."""
+    parts = [
+        f"time {summary['training_seconds']:.1f} s",
+        f"{summary['tokens_per_second']:,.0f} tokens/s",
+        f"{summary['trainable_parameters']:,} trainable parameters",
+    ]
+    if "exact_match_after" in summary:
+        parts.append(f"held-out exact match {summary['exact_match_before']:.1%} -> {summary['exact_match_after']:.1%}")
+    return "Summary | " + " | ".join(parts)
+
+
+def load_test_rows(path: Path) -> list[dict]:
+    rows = json.loads(Path(path).read_text())
+    if not rows or not all(isinstance(r, dict) and "instruction" in r and "output" in r for r in rows):
+        raise ConfigError(f"test_data {str(path)!r} must be a non-empty JSON list of {{instruction, input, output}}")
+    return rows
+
+
+@torch.no_grad()
+def exact_match(
+    fabric: L.Fabric, model: GPT, tokenizer: Tokenizer, prompt_style: PromptStyle, rows: list[dict], eval: EvalArgs
+) -> float:
+    """Share of ``rows`` whose greedy answer (up to ``eval.max_new_tokens``, stopped at EOS) equals ``output``."""
+    model.eval()
+    prompts = [tokenizer.encode(prompt_style.apply(r["instruction"], input=r.get("input", "")), device=fabric.device)
+               for r in rows]  # fmt: skip
+    train_length = model.max_seq_length
+    model.max_seq_length = min(model.config.block_size, max(len(p) for p in prompts) + eval.max_new_tokens)
+    with fabric.init_tensor():
+        model.set_kv_cache(batch_size=1)
+    correct = 0
+    for row, prompt in zip(rows, prompts):
+        budget = min(eval.max_new_tokens, model.max_seq_length - len(prompt))
+        tokens = list(
+            generate_fn(model, prompt, len(prompt) + budget, temperature=0.0, stop_tokens=([tokenizer.eos_id],),
+                        include_prompt=False, include_eos=False)
+        )  # fmt: skip
+        answer = tokenizer.decode(torch.cat(tokens)) if tokens else ""
+        correct += answer.strip() == row["output"].strip()
+    model.clear_kv_cache()
+    model.max_seq_length = train_length
+    model.train()
+    return correct / len(rows)
 
 
 def fit(
