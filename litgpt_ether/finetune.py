@@ -16,6 +16,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+import yaml
 from lightning.fabric.utilities import ThroughputMonitor
 from litgpt.args import EvalArgs, LogArgs, TrainArgs
 from litgpt.data import Alpaca, DataModule
@@ -151,6 +152,7 @@ def setup(
     )
     strategy = "ddp" if devices * num_nodes > 1 else "auto"
     fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger)
+    optimizer = normalize_optimizer(optimizer)
     test_rows = load_test_rows(test_data) if test_data is not None else None
     fabric.launch(
         main, devices, seed, config, data, checkpoint_dir, out_dir, train, eval, optimizer, num_nodes, test_rows
@@ -177,6 +179,10 @@ def main(
     train_dataloader, val_dataloader = get_dataloaders(fabric, data, tokenizer, train)
     steps_per_epoch = len(train_dataloader) // train.gradient_accumulation_iters(devices, num_nodes)
     lr_max_steps = min(train.epochs * steps_per_epoch, (train.max_steps or float("inf")))
+    if lr_max_steps <= (train.lr_warmup_steps or 0):
+        raise ConfigError(
+            f"train.lr_warmup_steps={train.lr_warmup_steps} leaves no step after warmup (the run has {lr_max_steps})"
+        )
 
     fabric.seed_everything(seed)  # same seed for every process to init the model
 
@@ -223,6 +229,8 @@ def main(
         (final_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         fabric.print(f"Saved the ETHER adapter and the merged model to {str(final_dir)!r}")
         fabric.print(format_summary(summary))
+    for logger in fabric.loggers:
+        logger.finalize("success")  # flush what the logger still buffers
     fabric.barrier()
 
 
@@ -236,6 +244,28 @@ def format_summary(summary: dict) -> str:
     if "exact_match_after" in summary:
         parts.append(f"held-out exact match {summary['exact_match_before']:.1%} -> {summary['exact_match_after']:.1%}")
     return "Summary | " + " | ".join(parts)
+
+
+def normalize_optimizer(optimizer: str | dict) -> str | dict:
+    """Fold ``--optimizer.lr 0.03`` (or ``--optimizer.init_args.lr``) over a config's optimizer into ``init_args``.
+
+    jsonargparse parses a ``str | dict`` option given key by key as flat string entries beside ``class_path``;
+    without this they would be silently ignored.
+    """
+    if not isinstance(optimizer, dict):
+        return optimizer
+    extra = {k: _parse_value(v) for k, v in optimizer.items() if k not in ("class_path", "init_args")}
+    return {"class_path": optimizer["class_path"], "init_args": {**optimizer.get("init_args", {}), **extra}}
+
+
+def _parse_value(value: object) -> object:
+    """'0.03', '3e-2', '[0.9, 0.95]' -> numbers and lists (YAML alone reads '3e-2' as a string)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        return yaml.safe_load(value)
 
 
 def load_test_rows(path: Path) -> list[dict]:

@@ -1,6 +1,7 @@
 """``litgpt_ether finetune`` end to end through the CLI, on a tiny random model and a learnable task."""
 
 import csv
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,8 +14,9 @@ from conftest import finetune_args, read_yaml, run_cli
 from litgpt.prompts import load_prompt_style
 from litgpt.tokenizer import Tokenizer
 
-from litgpt_ether import GPT, Config, ether_filter, load_base_checkpoint
+from litgpt_ether import GPT, Config, ConfigError, ether_filter, load_base_checkpoint
 from litgpt_ether.checkpoint import ADAPTER_FILE, load_adapter
+from litgpt_ether.finetune import load_test_rows, normalize_optimizer
 
 OUTPUT_FILES = [ADAPTER_FILE, "lit_model.pth", "model_config.yaml", "hyperparameters.yaml", "prompt_style.yaml",
                 "tokenizer.json", "tokenizer_config.json"]  # fmt: skip
@@ -116,3 +118,30 @@ def test_global_batch_smaller_than_one_micro_batch_per_device_is_a_one_line_erro
         " train.micro_batch_size = 16"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_optimizer_options_given_key_by_key_reach_the_optimizer():
+    # what jsonargparse hands over for `--config preset.yaml --optimizer.lr 3e-2 --optimizer.betas [0.9,0.95]`
+    parsed = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01, "weight_decay": 0.0}, "lr": "3e-2",
+              "betas": "[0.9, 0.95]"}  # fmt: skip
+    assert normalize_optimizer(parsed) == {
+        "class_path": "torch.optim.AdamW",
+        "init_args": {"lr": 0.03, "weight_decay": 0.0, "betas": [0.9, 0.95]},
+    }
+    assert normalize_optimizer("AdamW") == "AdamW"
+
+
+def test_warmup_as_long_as_the_run_is_a_one_line_error(checkpoint_dir, dataset_path, tmp_path):
+    args = finetune_args(checkpoint_dir, dataset_path, tmp_path / "out", "--train.lr_warmup_steps", "40")
+    result = run_cli(*args)
+    assert result.returncode != 0
+    assert last_line(result) == (
+        "litgpt_ether: error: train.lr_warmup_steps=40 leaves no step after warmup (the run has 40)"
+    )
+
+
+@pytest.mark.parametrize("rows", [[], [{"instruction": "reverse red"}], {"instruction": "x", "output": "y"}])
+def test_test_data_without_instruction_and_output_rows_is_refused(tmp_path, rows):
+    (tmp_path / "test.json").write_text(json.dumps(rows))
+    with pytest.raises(ConfigError, match="must be a non-empty JSON list"):
+        load_test_rows(tmp_path / "test.json")
