@@ -15,7 +15,6 @@ import litgpt.config
 import litgpt.model
 import torch
 from litgpt.utils import save_config
-from make_demo import write_tokenizer  # one tokenizer recipe for both of the project's small models
 
 ALPACA_WORDS = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -32,6 +31,27 @@ def sample_pairs(n: int, seed: int) -> list[dict]:
         seq = [rng.choice(COLOURS) for _ in range(3)]
         rows.append({"instruction": "reverse " + " ".join(seq), "input": "", "output": " ".join(reversed(seq))})
     return rows
+
+
+def write_tokenizer(directory: Path, texts: list[str]) -> None:
+    """Train a word-level tokenizer with `tokenizers` and write the files litgpt's Tokenizer reads.
+
+    Plain whitespace words and no decoder: decoded text is the words joined by single spaces, which the tests
+    compare against. (The demo's tokenizer, in make_demo.py, marks word starts so that streaming decodes well.)
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.train_from_iterator(texts, trainer=trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "add_bos_token": True,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 def make_checkpoint(directory: Path, seed: int = 0) -> Path:

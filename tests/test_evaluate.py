@@ -86,12 +86,13 @@ def merged(finetune_out) -> tuple[torch.nn.Module, Tokenizer]:
 def test_loglikelihoods_equal_a_direct_computation_with_the_model_at_any_batch_size(merged):
     model, tokenizer = merged
     assert len(tokenizer.encode(LONG)) > model.max_seq_length + 1  # the truncation case is one
-    expected = [direct_loglikelihood(model, tokenizer, *pair) for pair in PAIRS]
+    pairs = PAIRS + [(PROMPT, direct_greedy(model, tokenizer, PROMPT, 2))]  # greedy by construction
+    expected = [direct_loglikelihood(model, tokenizer, *pair) for pair in pairs]
     assert {greedy for _, greedy in expected} == {True, False}  # both outcomes of is_greedy are exercised
 
     by_batch_size = {}
     for batch_size in (1, 4):
-        got = LitGPTLM(model, tokenizer, batch_size=batch_size).loglikelihood(loglikelihood_requests(PAIRS))
+        got = LitGPTLM(model, tokenizer, batch_size=batch_size).loglikelihood(loglikelihood_requests(pairs))
         for (logprob, greedy), (want_logprob, want_greedy) in zip(got, expected, strict=True):
             assert logprob == pytest.approx(want_logprob, abs=1e-4)
             assert greedy == want_greedy
