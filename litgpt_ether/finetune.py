@@ -269,7 +269,10 @@ def _parse_value(value: object) -> object:
 
 
 def load_test_rows(path: Path) -> list[dict]:
-    rows = json.loads(Path(path).read_text())
+    try:
+        rows = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"test_data {str(path)!r} is not a readable JSON file ({err})") from None
     if not rows or not all(isinstance(r, dict) and "instruction" in r and "output" in r for r in rows):
         raise ConfigError(f"test_data {str(path)!r} must be a non-empty JSON list of {{instruction, input, output}}")
     return rows

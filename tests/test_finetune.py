@@ -145,3 +145,11 @@ def test_test_data_without_instruction_and_output_rows_is_refused(tmp_path, rows
     (tmp_path / "test.json").write_text(json.dumps(rows))
     with pytest.raises(ConfigError, match="must be a non-empty JSON list"):
         load_test_rows(tmp_path / "test.json")
+
+
+def test_test_data_that_is_missing_or_not_json_is_refused(tmp_path):
+    (tmp_path / "test.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="is not a readable JSON file"):
+        load_test_rows(tmp_path / "test.json")
+    with pytest.raises(ConfigError, match="is not a readable JSON file"):
+        load_test_rows(tmp_path / "missing.json")
