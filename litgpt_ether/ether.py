@@ -84,36 +84,120 @@ class Config(BaseConfig):
 
 # --------------------------------------------------------------------------------------------------
 # The reflection math: one function for activations (training) and weights (merging).
+#
+# A side's reflection is given by ``units`` of shape ``(n, j, k)`` (``j`` unit vectors per block: 1 for ETHER,
+# 2 for ETHER+) and one coefficient per vector: ``H = blockdiag_i(I + sum_j c_j w_ij w_ijᵀ)``. Stacking the
+# vectors lets every pass over the activations serve all of them: two batched matmuls per side.
 
 
-def reflect(z: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
-    """Return ``z @ H`` over the last dim, ``H = blockdiag_i(I + sum_j c_j w_ji w_jiᵀ)``.
+def _dots(z: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """``z_b · w_bj`` for every block ``b`` and vector ``j``: ``(..., n*k) -> (..., n, j)``."""
+    n, _, k = units.shape
+    return torch.einsum("...nk,njk->...nj", z.reshape(*z.shape[:-1], n, k), units)
 
-    ``terms`` holds ``(c_j, w_j)`` with ``w_j`` of shape ``(n, k)``: unit vectors, one row per block.
-    ``H`` is symmetric, so this is also ``H z`` for column vectors. All dot products use the
-    original ``z``, which is what makes ETHER+'s two hyperplanes one matrix.
+
+def _scale(dots: torch.Tensor, coefs: tuple[float, ...]) -> torch.Tensor:
+    return dots * coefs[0] if len(coefs) == 1 else dots * dots.new_tensor(coefs)
+
+
+def reflect(z: torch.Tensor, units: torch.Tensor, coefs: tuple[float, ...]) -> torch.Tensor:
+    """Return ``z @ H`` over the last dim of ``z``.
+
+    ``H`` is symmetric, so this is also ``H z`` for column vectors. All dot products use the original ``z``,
+    which is what makes ETHER+'s two hyperplanes one matrix.
     """
-    n, k = terms[0][1].shape
-    zb = z.reshape(*z.shape[:-1], n, k)  # (..., n, k)
-    out = zb
-    for c, w in terms:
-        coef = torch.einsum("...nk,nk->...n", zb, w)  # (..., n)
-        out = out + c * coef.unsqueeze(-1) * w
-    return out.reshape(z.shape)
+    n, _, k = units.shape
+    update = torch.einsum("...nj,njk->...nk", _scale(_dots(z, units), coefs), units)
+    return (z.reshape(*z.shape[:-1], n, k) + update).reshape(z.shape)
 
 
-def reflect_through(x: torch.Tensor, weight: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
+def _units_grad(z: torch.Tensor, g: torch.Tensor, units: torch.Tensor, coefs: tuple[float, ...]) -> torch.Tensor:
+    """Gradient of ``sum(g * reflect(z))`` with respect to ``units``, summed over every leading dim of ``z``.
+
+    Per block and vector: ``c_j sum_t [(z_t · w_j) g_t + (g_t · w_j) z_t]``.
+    """
+    n, _, k = units.shape
+    z, g = z.reshape(-1, n * k), g.reshape(-1, n * k)
+    zd, gd = _scale(_dots(z, units), coefs), _scale(_dots(g, units), coefs)  # (t, n, j)
+    return torch.einsum("tnj,tnk->njk", zd, g.view(-1, n, k)) + torch.einsum("tnj,tnk->njk", gd, z.view(-1, n, k))
+
+
+def reflect_through(
+    x: torch.Tensor, weight: torch.Tensor, units: torch.Tensor, coefs: tuple[float, ...]
+) -> torch.Tensor:
     """Return ``(x @ H - x) @ weightᵀ``: the input-side reflection as a rank-``n·j`` correction.
 
     Used where one matmul serves several input reflections (the fused QKV): ``x H Wᵀ = x Wᵀ +
     sum_j c_j (x_b · w_j) (W_b w_j)ᵀ``, so only cheap matrix-vector products touch ``W``.
     """
-    n, k = terms[0][1].shape
-    xb = x.reshape(*x.shape[:-1], n, k)
-    wb = weight.reshape(weight.shape[0], n, k)
-    coefs = torch.cat([c * torch.einsum("...nk,nk->...n", xb, w) for c, w in terms], dim=-1)  # (..., j*n)
-    proj = torch.cat([torch.einsum("fnk,nk->fn", wb, w) for _, w in terms], dim=-1)  # (f, j*n)
-    return coefs @ proj.T
+    n, j, k = units.shape
+    dots = _scale(_dots(x, units), coefs).flatten(-2)  # (..., n*j)
+    proj = torch.einsum("fnk,njk->fnj", weight.reshape(weight.shape[0], n, k), units).flatten(1)  # (f, n*j)
+    return dots @ proj.T
+
+
+class _ReflectOutputs(torch.autograd.Function):
+    """Reflect column slices of a matmul's output in place, then add the bias.
+
+    Why a Function: nothing else keeps a frozen matmul's output, so writing into it costs no memory, and
+    for ETHER (``H² = I``) the input is recomputed from the output in backward instead of being saved.
+    Attention keeps the QKV output alive anyway, so ETHER's output side stores no activation at all;
+    ETHER+ (not invertible in general) keeps a copy of the reflected slices only.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, bias: torch.Tensor | None, slices: tuple[tuple[int, int], ...],
+                coefs: tuple[float, ...], *tensors: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        # ``tensors``: the units of each slice, then the additive input to each slice (or None)
+        units, extras = tensors[: len(slices)], tensors[len(slices) :]
+        self_inverse = coefs == (-2.0,)
+        inputs = []
+        for (a, b), w, extra in zip(slices, units, extras):
+            z_s = z[..., a:b]
+            if extra is not None:
+                z_s.add_(extra)
+            if not self_inverse:
+                inputs.append(z_s.clone())
+            z_s.copy_(reflect(z_s, w, coefs))
+        if bias is not None:
+            z.add_(bias)
+        ctx.mark_dirty(z)
+        ctx.slices, ctx.coefs, ctx.self_inverse = slices, coefs, self_inverse
+        ctx.has_extra = [e is not None for e in extras]
+        ctx.save_for_backward(z if self_inverse else None, bias, *units, *inputs)
+        return z
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        y, bias, *rest = ctx.saved_tensors
+        units, inputs = rest[: len(ctx.slices)], rest[len(ctx.slices) :]
+        grad_z = g.clone()
+        grad_units, grad_extras = [], []
+        for i, ((a, b), w) in enumerate(zip(ctx.slices, units)):
+            if ctx.self_inverse:
+                y_s = y[..., a:b] if bias is None else y[..., a:b] - bias[a:b]
+                z_s = reflect(y_s, w, ctx.coefs)
+            else:
+                z_s = inputs[i]
+            g_s = g[..., a:b]
+            grad_units.append(_units_grad(z_s, g_s, w, ctx.coefs))
+            grad_z[..., a:b] = reflect(g_s, w, ctx.coefs)  # H is symmetric
+            grad_extras.append(grad_z[..., a:b] if ctx.has_extra[i] else None)
+        return grad_z, None, None, None, *grad_units, *grad_extras
+
+
+def reflect_outputs(
+    z: torch.Tensor,
+    bias: torch.Tensor | None,
+    slices: Sequence[tuple[int, int]],
+    reflections: Sequence["Reflection"],
+    extras: Sequence[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """``z[..., a:b] <- (z[..., a:b] + extra) @ H`` for each slice, then ``+ bias``; ``z`` is overwritten."""
+    coefs = reflections[0].coefs
+    units = [r.units(z.dtype) for r in reflections]
+    extras = list(extras) if extras is not None else [None] * len(slices)
+    return _ReflectOutputs.apply(z, bias, tuple(slices), coefs, *units, *extras)
 
 
 class Reflection(nn.Module):
@@ -134,16 +218,19 @@ class Reflection(nn.Module):
             with torch.no_grad():
                 self.v.copy_(-self.u)
 
-    def terms(self, dtype: torch.dtype) -> list[tuple[float, torch.Tensor]]:
-        """The ``(coefficient, unit vectors)`` pairs of ``H``, normalised in at least fp32, then cast."""
+    @property
+    def coefs(self) -> tuple[float, ...]:
+        """ETHER: ``I - 2 û ûᵀ``; ETHER+: ``I - û ûᵀ + v̂ v̂ᵀ``."""
+        return (-2.0,) if self.v is None else (-1.0, 1.0)
+
+    def units(self, dtype: torch.dtype) -> torch.Tensor:
+        """The unit vectors, ``(n, j, k)``, normalised in at least fp32, then cast to ``dtype``."""
+        w = self.u[:, None] if self.v is None else torch.stack([self.u, self.v], dim=1)
         # F.normalize divides by max(||u||, eps): a zero vector gives H = I instead of NaN
-        unit = lambda w: F.normalize(w.to(torch.promote_types(w.dtype, torch.float32)), dim=-1).to(dtype)
-        if self.v is None:
-            return [(-2.0, unit(self.u))]
-        return [(-1.0, unit(self.u)), (1.0, unit(self.v))]
+        return F.normalize(w.to(torch.promote_types(w.dtype, torch.float32)), dim=-1).to(dtype)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return reflect(z, self.terms(z.dtype))
+        return reflect(z, self.units(z.dtype), self.coefs)
 
 
 def _new_reflection(config: Config, size: int, like: torch.Tensor, where: str) -> Reflection:
@@ -162,9 +249,6 @@ class ETHERLayer(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.ether_dropout = nn.Dropout(config.ether_dropout) if config.ether_dropout > 0 else nn.Identity()
-
-    def add_bias(self, z: torch.Tensor) -> torch.Tensor:
-        return z if self.bias is None else z + self.bias
 
     def merged_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -185,23 +269,23 @@ class ETHERLinear(ETHERLayer):
             x = self.ether_in(x)
         if self.ether_out is None:
             return F.linear(x, self.weight, self.bias)
-        return self.add_bias(self.ether_out(F.linear(x, self.weight)))
+        return reflect_outputs(F.linear(x, self.weight), self.bias, [(0, self.out_features)], [self.ether_out])
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """``H_out W H_in`` computed in fp32, cast back to the weight's dtype."""
         w = self.weight.float()
         if self.ether_in is not None:
-            w = reflect(w, self.ether_in.terms(w.dtype))  # W H: rows live on the input side
+            w = self.ether_in(w)  # W H: rows live on the input side
         if self.ether_out is not None:
-            w = reflect(w.T, self.ether_out.terms(w.dtype)).T  # H W: columns live on the output side
+            w = self.ether_out(w.T).T  # H W: columns live on the output side
         return w.to(self.weight.dtype)
 
 
 class ETHERQKVLinear(ETHERLayer):
     """litgpt's fused ``[q | k | v]`` projection with a separate reflection per targeted segment.
 
-    Output side: each targeted segment's slice of the fused matmul is reflected. Input side
+    Output side: each targeted segment's slice of the fused matmul is reflected, in place. Input side
     (two-sided ETHER+): each targeted segment gets a low-rank correction, so one matmul serves all.
     """
 
@@ -210,6 +294,7 @@ class ETHERQKVLinear(ETHERLayer):
         q_size = config.n_head * config.head_size
         kv_size = config.n_query_groups * config.head_size
         self.sizes = (q_size, kv_size, kv_size)
+        self.bounds = [(0, q_size), (q_size, q_size + kv_size), (q_size + kv_size, q_size + 2 * kv_size)]
         self.segments = [(i, s) for i, (s, on) in enumerate(zip("qkv", config.ether_qkv)) if on]
         w = linear.weight
         self.ether_out = nn.ModuleDict(
@@ -223,22 +308,25 @@ class ETHERQKVLinear(ETHERLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ether_dropout(x)
-        parts = list(F.linear(x, self.weight).split(self.sizes, dim=-1))  # [(..., q), (..., k), (..., v)]
-        for i, s in self.segments:
-            if self.ether_in is not None:
-                w_s = self.weight.split(self.sizes, dim=0)[i]
-                parts[i] = parts[i] + reflect_through(x, w_s, self.ether_in[s].terms(x.dtype))
-            parts[i] = self.ether_out[s](parts[i])
-        return self.add_bias(torch.cat(parts, dim=-1))
+        slices = [self.bounds[i] for i, _ in self.segments]
+        extras = None
+        if self.ether_in is not None:  # each segment's input reflection as a low-rank correction to its slice
+            extras = [
+                reflect_through(x, self.weight[a:b], self.ether_in[s].units(x.dtype), self.ether_in[s].coefs)
+                for (a, b), (_, s) in zip(slices, self.segments)
+            ]
+        reflections = [self.ether_out[s] for _, s in self.segments]
+        return reflect_outputs(F.linear(x, self.weight), self.bias, slices, reflections, extras)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        parts = list(self.weight.float().split(self.sizes, dim=0))
+        w = self.weight.float().clone()
         for i, s in self.segments:
+            a, b = self.bounds[i]
             if self.ether_in is not None:
-                parts[i] = reflect(parts[i], self.ether_in[s].terms(torch.float32))
-            parts[i] = reflect(parts[i].T, self.ether_out[s].terms(torch.float32)).T
-        return torch.cat(parts, dim=0).to(self.weight.dtype)
+                w[a:b] = self.ether_in[s](w[a:b])
+            w[a:b] = self.ether_out[s](w[a:b].T).T
+        return w.to(self.weight.dtype)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import math
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -43,9 +42,8 @@ def distance_from_identity(reflection: Reflection) -> float:
     and ETHER+ (``c = -1, +1``) gives ``2 - 2 (û · v̂)²``. The products run in fp64: near ETHER+'s start
     (``v̂ ≈ -û``) fp32 cancellation would leave only rounding noise of order 1e-3.
     """
-    terms = reflection.terms(torch.float32)  # the unit vectors the layer itself uses
-    c = torch.tensor([c for c, _ in terms], dtype=torch.float64)
-    w = torch.stack([w for _, w in terms], dim=1).double()  # (n, j, k)
+    w = reflection.units(torch.float32).double()  # (n, j, k): the unit vectors the layer itself uses
+    c = torch.tensor(reflection.coefs, dtype=torch.float64)
     gram = w @ w.transpose(1, 2)  # (n, j, j)
     return (c[:, None] * c[None, :] * gram**2).sum().clamp(min=0).sqrt().item()
 
@@ -88,10 +86,9 @@ def segments(layer: ETHERLayer) -> Iterator[tuple[str | None, slice, Reflection 
     if not isinstance(layer, ETHERQKVLinear):
         yield None, slice(None), layer.ether_in, layer.ether_out
         return
-    offsets = [0, *accumulate(layer.sizes)]
     for i, s in layer.segments:
         h_in = layer.ether_in[s] if layer.ether_in is not None else None
-        yield s, slice(offsets[i], offsets[i + 1]), h_in, layer.ether_out[s]
+        yield s, slice(*layer.bounds[i]), h_in, layer.ether_out[s]
 
 
 @torch.no_grad()
