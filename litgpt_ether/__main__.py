@@ -1,14 +1,19 @@
 """The ``litgpt_ether`` command line: one subcommand per verb, parsed by jsonargparse as litgpt does."""
 
+import os
 import sys
 import warnings
+from argparse import ArgumentError
 
 import torch
+import yaml
+from jsonargparse import ArgumentParser
 from litgpt.utils import CLI
 
 from litgpt_ether.chat import main as chat_fn
 from litgpt_ether.ether import ConfigError
 from litgpt_ether.evaluate import evaluate as evaluate_fn
+from litgpt_ether.finetune import NonFiniteLossError
 from litgpt_ether.finetune import setup as finetune_fn
 from litgpt_ether.generate import main as generate_fn
 from litgpt_ether.inspect import inspect as inspect_fn
@@ -24,16 +29,70 @@ COMMANDS = {
 }
 
 
+# Errors that are the user's to fix: one line on stderr, no traceback (unless LITGPT_ETHER_DEBUG is set)
+USER_ERRORS = (ConfigError, ArgumentError, NonFiniteLossError)
+
+
+class Parser(ArgumentParser):
+    """jsonargparse's parser, with a class that refuses its arguments (``--data JSON --data.json_path missing``)
+    reported as a user error instead of a traceback."""
+
+    def instantiate_classes(self, cfg, **kwargs):
+        try:
+            return super().instantiate_classes(cfg, **kwargs)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError, OSError) as err:
+            raise ConfigError(str(err)) from err
+
+
+def debug() -> bool:
+    """``LITGPT_ETHER_DEBUG=1``: errors keep their traceback."""
+    return os.environ.get("LITGPT_ETHER_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+def reset_before_whole_optimizer(args: list[str]) -> list[str]:
+    """Put a plain optimizer name before each ``--optimizer '{"class_path": ...}'`` and ``--optimizer.class_path``.
+
+    jsonargparse 4.41 crashes (``'dict' object has no attribute 'init_args'``) when either replaces a config's
+    dict optimizer; after a plain name it has no dict to merge into. The last value still wins, and a new
+    ``class_path`` starts from that class's defaults (jsonargparse drops the old ``init_args`` when the class
+    changes).
+    """
+    out: list[str] = []
+    for arg in args:
+        after_flag = bool(out) and out[-1] == "--optimizer"
+        whole = arg if after_flag else arg.partition("=")[2] if arg.startswith("--optimizer=") else None
+        if (whole is not None and _is_class_spec(whole)) or arg.partition("=")[0] == "--optimizer.class_path":
+            at = len(out) - 1 if after_flag else len(out)  # before the flag
+            out[at:at] = ["--optimizer", "AdamW"]
+        out.append(arg)
+    return out
+
+
+def _is_class_spec(value: str) -> bool:
+    try:
+        spec = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return False
+    return isinstance(spec, dict) and "class_path" in spec
+
+
 def main() -> None:
     # PyTorch bug that raises a false-positive warning (as silenced by litgpt's own CLI)
     warnings.filterwarnings(
         "ignore", message=r"The epoch parameter in `scheduler.step\(\)` was not necessary", category=UserWarning
     )
     torch.set_float32_matmul_precision("high")
+    sys.argv[1:] = reset_before_whole_optimizer(sys.argv[1:])  # in place: finetune re-parses sys.argv to save it
     try:
-        CLI(COMMANDS)
-    except ConfigError as err:
-        sys.exit(f"litgpt_ether: error: {err}")
+        # exit_on_error=False: jsonargparse raises instead of printing its usage block and exiting
+        CLI(COMMANDS, exit_on_error=False, parser_class=Parser)
+    except USER_ERRORS as err:
+        if debug():
+            raise
+        print(f"litgpt_ether: error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2 if isinstance(err, ArgumentError) else 1)
 
 
 if __name__ == "__main__":

@@ -74,11 +74,19 @@ def resolve(path: Path, base_checkpoint_dir: Path | None = None, prefer_adapter:
     adapter = path if path.is_file() else path / ADAPTER_FILE
     files_dir = adapter.parent
     if not adapter.is_file() or (not prefer_adapter and (files_dir / MODEL_FILE).is_file()):
-        check_valid_checkpoint_dir(files_dir, raise_error=False)  # litgpt's clear message and exit
+        check_checkpoint_dir(files_dir)
         return Resolved(files_dir, files_dir, None)
     base = Path(base_checkpoint_dir) if base_checkpoint_dir is not None else base_checkpoint_of(files_dir)
-    check_valid_checkpoint_dir(base, raise_error=False)
+    check_checkpoint_dir(base)
     return Resolved(files_dir, base, adapter)
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    """litgpt's check that ``path`` holds weights, model config and tokenizer, as a one-line ``ConfigError``."""
+    try:
+        check_valid_checkpoint_dir(Path(path), verbose=False, raise_error=True)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
 
 
 def base_checkpoint_of(adapter_dir: Path) -> Path:

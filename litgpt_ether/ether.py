@@ -226,8 +226,11 @@ class Reflection(nn.Module):
     def units(self, dtype: torch.dtype) -> torch.Tensor:
         """The unit vectors, ``(n, j, k)``, normalised in at least fp32, then cast to ``dtype``."""
         w = self.u[:, None] if self.v is None else torch.stack([self.u, self.v], dim=1)
-        # F.normalize divides by max(||u||, eps): a zero vector gives H = I instead of NaN
-        return F.normalize(w.to(torch.promote_types(w.dtype, torch.float32)), dim=-1).to(dtype)
+        w = w.to(torch.promote_types(w.dtype, torch.float32))
+        # scaled by the largest entry first, so any nonzero vector, however tiny, becomes exactly unit (as ETHER's
+        # backward, which relies on H² = I, needs) and a zero vector stays zero: H = I instead of NaN
+        w = w / w.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+        return F.normalize(w, dim=-1).to(dtype)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return reflect(z, self.units(z.dtype), self.coefs)

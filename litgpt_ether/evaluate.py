@@ -24,6 +24,7 @@ from litgpt.utils import get_default_supported_precision
 from tqdm import tqdm
 
 from litgpt_ether.checkpoint import load_model, resolve
+from litgpt_ether.checks import InferenceQuantize, check_quantize
 from litgpt_ether.ether import ConfigError
 
 # lm-eval is the `eval` extra: without it every other verb still works, and this one says what to install
@@ -255,6 +256,7 @@ def evaluate(
     include_path: Path | None = None,
     out_dir: Path | None = None,
     precision: str | None = None,
+    quantize: InferenceQuantize | None = None,
     device: str | None = None,
     seed: int = 1234,
 ) -> dict[str, Any]:
@@ -277,6 +279,7 @@ def evaluate(
         out_dir: Where to write ``results.json``. Defaults to ``eval/`` inside the resolved checkpoint directory.
         precision: Fabric precision ("bf16-true", "16-true", "32-true", ...). Defaults to the best the device
             supports, as litgpt does.
+        quantize: Quantize the weights with bitsandbytes (litgpt's choices). Not implemented yet: an error.
         device: The device, as lm-eval names it ("cpu", "cuda", "cuda:1"). Defaults to the best available.
         seed: The random seed for Python, NumPy, torch and the few-shot sampler.
     """
@@ -284,6 +287,7 @@ def evaluate(
         raise ConfigError("evaluate needs lm-eval: pip install 'litgpt-ether[eval]'")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    check_quantize(quantize, training=False)
     task_manager, task_names = find_tasks(tasks, include_path)
     resolved = resolve(checkpoint_dir, base_checkpoint_dir)
     fabric = setup_fabric(device, precision)

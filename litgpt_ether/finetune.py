@@ -35,7 +35,6 @@ from litgpt.tokenizer import Tokenizer
 from litgpt.types import LoggerChoice
 from litgpt.utils import (
     CycleIterator,
-    check_valid_checkpoint_dir,
     choose_logger,
     chunked_cross_entropy,
     copy_config_files,
@@ -44,12 +43,20 @@ from litgpt.utils import (
     init_out_dir,
     instantiate_torch_optimizer,
     num_parameters,
-    parse_devices,
 )
 from torch.utils.data import ConcatDataset, DataLoader
 from torchmetrics import RunningMean
 
-from litgpt_ether.checkpoint import ADAPTER_FILE, Resolved, merge_adapter, save_adapter
+from litgpt_ether.checkpoint import ADAPTER_FILE, Resolved, check_checkpoint_dir, merge_adapter, save_adapter
+from litgpt_ether.checks import (
+    Accelerator,
+    TrainingQuantize,
+    check_devices,
+    check_json_data,
+    check_optimizer,
+    check_outputs_fit,
+    check_quantize,
+)
 from litgpt_ether.ether import (
     GPT,
     Config,
@@ -64,6 +71,8 @@ def setup(
     checkpoint_dir: Path,
     out_dir: Path = Path("out/finetune/ether"),
     precision: str | None = None,
+    quantize: TrainingQuantize | None = None,
+    accelerator: Accelerator = "auto",
     devices: int | str = 1,
     num_nodes: int = 1,
     ether_method: Literal["ether", "etherplus"] = "ether",
@@ -101,7 +110,10 @@ def setup(
             tokenizer files).
         out_dir: Directory for checkpoints, logs and the final adapter and merged model.
         precision: "bf16-true", "bf16-mixed", "32-true", ... Defaults to the best the device supports.
-        devices: How many devices to use.
+        quantize: Quantize the frozen base weights with bitsandbytes (litgpt's choices). Not implemented yet: an
+            error, rather than a run that silently ignores it.
+        accelerator: "auto", "cpu", "cuda" (or "gpu") or "mps".
+        devices: How many devices to use per node: a positive integer, or "auto" / -1 for every CUDA device.
         num_nodes: How many nodes the code is being run on.
         ether_method: "ether" (one Householder reflection per block) or "etherplus" (ETHER+: two
             hyperplanes per block, both sides of each layer unless ``ether_one_sided``).
@@ -129,12 +141,16 @@ def setup(
     """
     ether_args = {k: v for k, v in locals().items() if k.startswith("ether_")}
     pprint(locals())
-    check_valid_checkpoint_dir(checkpoint_dir)
+    check_quantize(quantize, training=True)
+    devices = check_devices(accelerator, devices)
+    check_checkpoint_dir(checkpoint_dir)
     config = Config.from_file(checkpoint_dir / "model_config.yaml", **ether_args)
     with torch.device("meta"):
         GPT(config)  # reject a bad ETHER configuration before any data or weights are touched
+    optimizer = normalize_optimizer(optimizer)
+    check_optimizer(optimizer)
     data = Alpaca() if data is None else data
-    devices = parse_devices(devices)
+    check_json_data(data)
     if train.global_batch_size < devices * num_nodes * train.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size={train.global_batch_size} is smaller than devices x num_nodes x"
@@ -151,8 +167,14 @@ def setup(
         log_args=dataclasses.asdict(log),
     )
     strategy = "ddp" if devices * num_nodes > 1 else "auto"
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger)
-    optimizer = normalize_optimizer(optimizer)
+    fabric = L.Fabric(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision=precision,
+        loggers=logger,
+    )
     test_rows = load_test_rows(test_data) if test_data is not None else None
     fabric.launch(
         main, devices, seed, config, data, checkpoint_dir, out_dir, train, eval, optimizer, num_nodes, test_rows
@@ -177,6 +199,7 @@ def main(
 
     tokenizer = Tokenizer(checkpoint_dir)
     train_dataloader, val_dataloader = get_dataloaders(fabric, data, tokenizer, train)
+    check_outputs_fit(train_dataloader.dataset, train.max_seq_length)
     steps_per_epoch = len(train_dataloader) // train.gradient_accumulation_iters(devices, num_nodes)
     lr_max_steps = min(train.epochs * steps_per_epoch, (train.max_steps or float("inf")))
     if lr_max_steps <= (train.lr_warmup_steps or 0):
@@ -255,7 +278,10 @@ def normalize_optimizer(optimizer: str | dict) -> str | dict:
     if not isinstance(optimizer, dict):
         return optimizer
     extra = {k: _parse_value(v) for k, v in optimizer.items() if k not in ("class_path", "init_args")}
-    return {"class_path": optimizer["class_path"], "init_args": {**optimizer.get("init_args", {}), **extra}}
+    class_path = optimizer.get("class_path")
+    if isinstance(class_path, str) and "." not in class_path:
+        class_path = f"torch.optim.{class_path}"  # litgpt resolves a bare name only when it is given alone
+    return {"class_path": class_path, "init_args": {**(optimizer.get("init_args") or {}), **extra}}
 
 
 def _parse_value(value: object) -> object:
@@ -348,6 +374,7 @@ def fit(
         "raw_tokens_plus_prompt_template_and_padding": 0,
     }
     total_t0 = time.perf_counter()
+    step_loss = torch.zeros((), device=fabric.device)  # the sum of this step's losses: non-finite if any is
 
     while step_count < max_steps:
         iter_num += 1
@@ -365,8 +392,11 @@ def fit(
             loss = chunked_cross_entropy(logits, targets[..., 1:])
             fabric.backward(loss / accumulation)
         running_loss.update(loss.detach())
+        step_loss += loss.detach()
 
         if not is_accumulating:
+            check_finite_loss(fabric, step_loss, step_count + 1, out_dir)  # before the update: nothing is saved after
+            step_loss.zero_()
             optimizer.step()
             optimizer.zero_grad()
             scheduler.step()
@@ -417,6 +447,31 @@ def fit(
 
     return {k: int(fabric.all_reduce(torch.tensor(v, device=fabric.device), reduce_op="sum").item())
             for k, v in token_counts.items()}  # fmt: skip
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: the run stops, keeping the checkpoints saved before."""
+
+
+def check_finite_loss(fabric: L.Fabric, step_loss: torch.Tensor, step: int, out_dir: Path) -> None:
+    """Stop at the first step whose loss is not finite, naming the last checkpoint saved before it.
+
+    One device-to-host sync per optimizer step (the loss logging syncs as often at ``log_interval=1``); every
+    process sees the same verdict, so none is left waiting in a collective.
+    """
+    if fabric.world_size > 1:
+        step_loss = fabric.all_reduce(step_loss, reduce_op="sum")
+    value = step_loss.item()
+    if math.isfinite(value):
+        return
+    for logger in fabric.loggers:
+        logger.finalize("failed")  # keep the logged metrics up to the bad step
+    saved = {
+        int(d.name[5:]): d for d in out_dir.glob("step-*") if d.name[5:].isdigit() and (d / ADAPTER_FILE).is_file()
+    }
+    good = [n for n in saved if n < step]
+    last = f"the last good checkpoint is {saved[max(good)]}" if good else "no checkpoint was saved before it"
+    raise NonFiniteLossError(f"loss became {value} at step {step}; {last}")
 
 
 def save_checkpoint(

@@ -21,6 +21,7 @@ from litgpt.tokenizer import Tokenizer
 from litgpt.utils import get_default_supported_precision
 
 from litgpt_ether.checkpoint import load_model, resolve
+from litgpt_ether.checks import InferenceQuantize, check_quantize
 from litgpt_ether.ether import ConfigError
 
 
@@ -110,6 +111,7 @@ def main(
     top_p: float = 1.0,
     temperature: float = 0.8,
     precision: str | None = None,
+    quantize: InferenceQuantize | None = None,
     seed: int = 1234,
 ) -> None:
     """Generate text from a finetuned model, merged or not, with the prompt style it was finetuned with.
@@ -136,10 +138,12 @@ def main(
             (greedy decoding).
         precision: Fabric precision ("bf16-true", "16-true", "32-true", ...). Defaults to the best the device
             supports, as litgpt does.
+        quantize: Quantize the weights with bitsandbytes (litgpt's choices). Not implemented yet: an error.
         seed: The random seed for sampling.
     """
     print(pformat(locals()), file=sys.stderr)
     check_sampling_args(max_new_tokens, top_k, top_p)
+    check_quantize(quantize, training=False)
     inference = load_for_inference(checkpoint_dir, base_checkpoint_dir, precision)
     fabric, model, tokenizer = inference.fabric, inference.model, inference.tokenizer
 

@@ -1,8 +1,12 @@
 """Tiny litgpt models, a tokenizer and a dataset built on the spot: the suite never downloads."""
 
+import io
 import subprocess
 import sys
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from unittest import mock
 
 import litgpt.config
 import pytest
@@ -52,6 +56,27 @@ def run_cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess
     """``litgpt_ether ARGS`` in a fresh process, as a user runs it."""
     cmd = [sys.executable, "-m", "litgpt_ether", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, input=input)
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """``litgpt_ether ARGS`` in this process, reported as ``run_cli`` reports a fresh one (exit status, stdout,
+    stderr with the traceback an uncaught exception would print), without the seconds a fresh process spends on
+    imports. For runs that stop early or train a few steps."""
+    from litgpt_ether.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.object(sys, "argv", ["litgpt_ether", *args]), redirect_stdout(out), redirect_stderr(err):
+        try:
+            main()
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+            if isinstance(exit.code, str):
+                print(exit.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess(["litgpt_ether", *args], code, out.getvalue(), err.getvalue())
 
 
 def finetune_args(checkpoint_dir: Path, dataset_path: Path, out_dir: Path, *extra: str) -> list[str]:

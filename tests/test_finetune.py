@@ -93,8 +93,11 @@ def test_no_target_is_an_error(checkpoint_dir, dataset_path, tmp_path):
 def test_missing_checkpoint_dir_is_a_clear_error(dataset_path, tmp_path):
     result = run_cli(*finetune_args(tmp_path / "nowhere", dataset_path, tmp_path / "out"))
     assert result.returncode != 0
-    assert "is not a checkpoint directory" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert last_line(result) == (
+        f"litgpt_ether: error: checkpoint_dir {str(tmp_path / 'nowhere')!r} is not a checkpoint directory."
+    )
+    assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_incomplete_checkpoint_dir_names_the_missing_files(checkpoint_dir, dataset_path, tmp_path):
@@ -104,8 +107,12 @@ def test_incomplete_checkpoint_dir_names_the_missing_files(checkpoint_dir, datas
     (incomplete / "lit_model.pth").unlink()
     result = run_cli(*finetune_args(incomplete, dataset_path, tmp_path / "out"))
     assert result.returncode != 0
-    assert "is missing the files: ['lit_model.pth', 'tokenizer.json OR tokenizer.model']" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert last_line(result) == (
+        f"litgpt_ether: error: checkpoint_dir {str(incomplete)!r} is missing the files:"
+        " ['lit_model.pth', 'tokenizer.json OR tokenizer.model']."
+    )
+    assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_global_batch_smaller_than_one_micro_batch_per_device_is_a_one_line_error(

@@ -7,7 +7,7 @@ import litgpt.config
 import litgpt.model
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, run_main
 from litgpt.utils import save_config
 
 from litgpt_ether import ConfigError
@@ -63,6 +63,17 @@ def test_adapter_from_another_base_is_refused_and_nothing_written(finetune_out, 
         merge(finetune_out / "final", base_checkpoint_dir=other, out_dir=tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
 
+    # through the command line, merging in place (the default): one line, and the merged weights already there stay
+    final = tmp_path / "final"
+    shutil.copytree(finetune_out / "final", final)
+    before = {p.name: p.read_bytes() for p in final.iterdir() if p.is_file()}
+    result = run_main("merge", str(final), "--base_checkpoint_dir", str(other))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.stderr.count("error:") == 1
+    assert last.startswith(f"litgpt_ether: error: adapter {str(final / ADAPTER_FILE)!r} does not fit base model")
+    assert {p.name: p.read_bytes() for p in final.iterdir() if p.is_file()} == before
+
 
 def test_non_finite_merge_is_refused_and_nothing_written(finetune_out, tmp_path):
     adapter_dir = tmp_path / "adapter"
@@ -97,5 +108,7 @@ def test_directory_without_an_adapter_is_refused(checkpoint_dir):
 def test_missing_path_is_a_clear_error(tmp_path):
     result = run_cli("merge", str(tmp_path / "nowhere"))
     assert result.returncode != 0
-    assert "is not a checkpoint directory" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"litgpt_ether: error: checkpoint_dir {str(tmp_path / 'nowhere')!r} is not a checkpoint directory."
+    )
+    assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr

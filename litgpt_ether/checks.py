@@ -1,0 +1,128 @@
+"""Checks of user input that would otherwise fail late, with a traceback, or not at all.
+
+Each raises ``ConfigError`` (one line on the command line) and runs before a model is loaded or a file is
+written.
+"""
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from litgpt.data import JSON, DataModule, SFTDataset
+from litgpt.data.json_data import load_split
+
+from litgpt_ether.ether import ConfigError
+
+# litgpt's choices: ``litgpt finetune_lora --quantize`` and ``litgpt generate --quantize``
+TrainingQuantize = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8-training"]
+InferenceQuantize = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"]
+Accelerator = Literal["auto", "cpu", "cuda", "gpu", "mps"]
+
+
+def check_quantize(quantize: str | None, training: bool) -> None:
+    """``--quantize`` is accepted with litgpt's choices, but nothing quantizes yet: say so instead of ignoring it."""
+    if quantize is None:
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--quantize {quantize} needs a CUDA device (none found)")
+    raise ConfigError(
+        f"--quantize {quantize}: quantized {'training' if training else 'inference'} is not implemented yet"
+    )
+
+
+def check_devices(accelerator: str, devices: int | str) -> int:
+    """The number of devices per node, refused when the accelerator does not have that many.
+
+    ``"auto"`` and ``-1`` mean every CUDA device (else one), as in litgpt. On the CPU, any number of devices is
+    legal (Fabric runs that many processes).
+    """
+    if devices in ("auto", -1):
+        count = torch.cuda.device_count() if accelerator in ("auto", "cuda", "gpu") else 0
+        devices = count or 1
+    elif not isinstance(devices, int) or devices < 1:
+        raise ConfigError(f"--devices must be a positive integer, 'auto' or -1 (all), got {devices!r}")
+    cuda = torch.cuda.device_count()
+    if accelerator in ("cuda", "gpu") and cuda == 0:
+        raise ConfigError(f"--accelerator {accelerator}: no CUDA device found")
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--accelerator mps: no MPS device found")
+    if (accelerator in ("cuda", "gpu") or (accelerator == "auto" and cuda > 0)) and devices > cuda:
+        raise ConfigError(f"--devices {devices} but only {cuda} CUDA device{'s are' if cuda > 1 else ' is'} visible")
+    return devices
+
+
+def check_optimizer(optimizer: str | dict) -> None:
+    """The optimizer class exists and takes the given options (resolved as litgpt's ``instantiate_torch_optimizer``)."""
+    if isinstance(optimizer, dict):
+        if not isinstance(optimizer.get("class_path"), str):
+            raise ConfigError(f"--optimizer needs a class_path (such as torch.optim.AdamW), got {optimizer!r}")
+        name, options = optimizer["class_path"], optimizer.get("init_args") or {}
+    else:
+        name, options = optimizer, {}
+    module_name, _, class_name = name.rpartition(".") if "." in name else ("torch.optim", ".", name)
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(f"--optimizer {name!r} is not an optimizer class (such as AdamW, SGD, torch.optim.AdamW)")
+    parameters = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        unknown = sorted(set(options) - set(parameters) - {"params"})
+        if unknown:
+            raise ConfigError(f"--optimizer {name} has no option {', '.join(map(repr, unknown))}")
+
+
+def check_json_data(data: DataModule) -> None:
+    """A ``JSON`` data module's files: readable, and a non-empty list of samples with instruction and output."""
+    if not isinstance(data, JSON):
+        return
+    path = Path(data.json_path)
+    if path.is_dir():
+        files = [data.find_split("train"), data.find_split("val")]
+        if None in files:
+            raise ConfigError(f"--data.json_path {str(path)!r} is a directory without train.json and val.json")
+    else:
+        files = [path]
+    for file in files:
+        try:
+            rows = load_split(file)
+        except (OSError, ValueError) as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ConfigError(f"data file {str(file)!r} is not readable JSON ({' '.join(str(err).split())})") from None
+        if not isinstance(rows, list) or not rows:
+            raise ConfigError(f"data file {str(file)!r} holds no samples: expected a non-empty JSON list")
+        for i, row in enumerate(rows):
+            missing = [key for key in ("instruction", "output") if not isinstance(row, dict) or key not in row]
+            if missing:
+                raise ConfigError(
+                    f"data file {str(file)!r}: sample {i} has no {' or '.join(map(repr, missing))}"
+                    " (every sample needs 'instruction' and 'output')"
+                )
+
+
+def check_outputs_fit(dataset: Any, max_seq_length: int | None) -> None:
+    """Refuse a training set whose every prompt fills ``max_seq_length``: no output token would be trained.
+
+    litgpt's ``SFTDataset`` encodes the prompt (prompt style applied) and the output, then truncates the pair to
+    ``max_seq_length``: when the prompt alone is that long, the output is cut off entirely (and with
+    ``mask_prompt`` every label is ignored). Stops at the first sample that keeps an output token, so it costs
+    one tokenization when the data is fine.
+    """
+    if max_seq_length is None or max_seq_length < 1 or not isinstance(dataset, SFTDataset) or len(dataset) == 0:
+        return
+    shortest = None
+    for i in range(len(dataset.data)):
+        example = dataset.data[i]
+        if dataset.transform is not None:
+            example = dataset.transform(example)
+        prompt = dataset.prompt_style.apply(prompt=example["instruction"], **example)
+        length = len(dataset.tokenizer.encode(prompt))
+        if length < max_seq_length:
+            return
+        shortest = length if shortest is None else min(shortest, length)
+    raise ConfigError(
+        f"every training sample's prompt fills train.max_seq_length={max_seq_length} (the shortest is {shortest}"
+        " tokens with the prompt style applied), so no output token would be trained; raise --train.max_seq_length"
+    )
