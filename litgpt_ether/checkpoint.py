@@ -8,6 +8,9 @@ the same everywhere.
 
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,11 @@ from litgpt_ether.ether import GPT, Config, ConfigError, ether_filter, load_base
 
 ADAPTER_FILE = "lit_model.pth.ether"
 MODEL_FILE = "lit_model.pth"
+TRAINING_STATE_FILE = "training_state.pth"  # what ``finetune --resume`` needs beyond the adapter
+
+
+# Every file the toolkit writes goes to a temporary name first and is renamed into place (``os.replace`` is
+# atomic): a run killed during a save leaves the previous file or the new one, never a truncated one.
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -29,6 +37,41 @@ def atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def copy_config_files_atomic(source_dir: Path, out_dir: Path) -> None:
+    """litgpt's ``copy_config_files`` (its list of config and tokenizer files), each renamed into place."""
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".copy-") as tmp:
+        copy_config_files(Path(source_dir), Path(tmp))
+        for file in Path(tmp).iterdir():
+            os.replace(file, out_dir / file.name)
+
+
+@contextmanager
+def staged_dir(target: Path) -> Iterator[Path]:
+    """A directory written under a temporary name and renamed to ``target`` once complete.
+
+    A kill while writing leaves only ``.<name>.partial``, which nothing loads and the next save replaces.
+    """
+    tmp = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if target.exists():  # replacing an older save: move it aside first, as rename cannot replace a directory
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)
 
 
 def save_adapter(path: Path, state_dict: dict[str, torch.Tensor], config: Config) -> None:
@@ -169,9 +212,9 @@ def merge_adapter(resolved: Resolved, out_dir: Path) -> Path:
         raise ConfigError(f"merging {str(resolved.adapter)!r} gives non-finite weights in {bad[:3]}; nothing written")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    copy_config_files(resolved.base_dir, out_dir)
+    copy_config_files_atomic(resolved.base_dir, out_dir)
     for name in ("prompt_style.yaml", "hyperparameters.yaml"):
         if (resolved.files_dir / name).is_file() and resolved.files_dir != out_dir:
-            shutil.copy(resolved.files_dir / name, out_dir / name)
+            write_text_atomic((resolved.files_dir / name).read_text(encoding="utf-8"), out_dir / name)
     atomic_save(merged, out_dir / MODEL_FILE)
     return out_dir / MODEL_FILE

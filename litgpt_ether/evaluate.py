@@ -7,7 +7,6 @@ model tokenizes them; scoring is one batched litgpt forward, generation is litgp
 """
 
 import json
-import os
 import sys
 import time
 from collections import defaultdict
@@ -23,7 +22,7 @@ from litgpt.tokenizer import Tokenizer
 from litgpt.utils import get_default_supported_precision
 from tqdm import tqdm
 
-from litgpt_ether.checkpoint import load_model, resolve
+from litgpt_ether.checkpoint import load_model, resolve, write_text_atomic
 from litgpt_ether.checks import InferenceQuantize, check_quantize
 from litgpt_ether.ether import ConfigError
 
@@ -235,14 +234,6 @@ def setup_fabric(device: str | None, precision: str | None) -> L.Fabric:
         raise ConfigError(f"--device {device!r} is not a device (examples: 'cpu', 'cuda', 'cuda:1')") from None
     devices = [parsed.index] if parsed.index is not None else 1
     return L.Fabric(accelerator=parsed.type, devices=devices, precision=precision)
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    """Write to a temporary name, then rename: a reader never sees a half-written results file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def evaluate(

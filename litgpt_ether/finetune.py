@@ -9,10 +9,13 @@ used as they are.
 import dataclasses
 import json
 import math
+import random
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from pprint import pprint
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -47,7 +50,16 @@ from litgpt.utils import (
 from torch.utils.data import ConcatDataset, DataLoader
 from torchmetrics import RunningMean
 
-from litgpt_ether.checkpoint import ADAPTER_FILE, Resolved, check_checkpoint_dir, merge_adapter, save_adapter
+from litgpt_ether.checkpoint import (
+    ADAPTER_FILE,
+    TRAINING_STATE_FILE,
+    Resolved,
+    check_checkpoint_dir,
+    load_adapter,
+    merge_adapter,
+    save_adapter,
+    staged_dir,
+)
 from litgpt_ether.checks import (
     Accelerator,
     TrainingQuantize,
@@ -102,6 +114,8 @@ def setup(
     logger_name: LoggerChoice = "csv",
     seed: int = 1337,
     test_data: Path | None = None,
+    resume: bool | Literal["auto"] | Path = False,
+    overwrite: bool = False,
 ) -> None:
     """Finetune a model with ETHER or ETHER+.
 
@@ -138,6 +152,10 @@ def setup(
         test_data: Optional held-out samples (an Alpaca-format JSON list with ``instruction``, ``input``,
             ``output``): the model's greedy answers to them are scored by exact match before and after tuning,
             and reported in the final summary.
+        resume: Continue a run from a step checkpoint: "auto" (or true) takes the latest complete ``step-*`` in
+            ``out_dir`` (starting afresh if there is none), a path names one. The adapter, optimizer, scheduler,
+            RNG states and data position are restored, so the run ends as if it had never stopped.
+        overwrite: Start afresh in an ``out_dir`` that holds a previous run's checkpoints, deleting them.
     """
     ether_args = {k: v for k, v in locals().items() if k.startswith("ether_")}
     pprint(locals())
@@ -176,9 +194,11 @@ def setup(
         loggers=logger,
     )
     test_rows = load_test_rows(test_data) if test_data is not None else None
+    resume_dir = prepare_out_dir(out_dir, resume, overwrite)  # last: with --overwrite it deletes the old run
     fabric.launch(
-        main, devices, seed, config, data, checkpoint_dir, out_dir, train, eval, optimizer, num_nodes, test_rows
-    )
+        main, devices, seed, config, data, checkpoint_dir, out_dir, train, eval, optimizer, num_nodes, test_rows,
+        resume_dir,
+    )  # fmt: skip
 
 
 def main(
@@ -194,6 +214,7 @@ def main(
     optimizer: str | dict,
     num_nodes: int = 1,
     test_rows: list[dict] | None = None,
+    resume_dir: Path | None = None,
 ) -> None:
     validate_args(train, eval)
 
@@ -217,22 +238,40 @@ def main(
     fabric.print(f"Number of trainable parameters: {num_parameters(model, requires_grad=True):,}")
     fabric.print(f"Number of non-trainable parameters: {num_parameters(model, requires_grad=False):,}")
 
+    # what a resumed run must share with the run it continues, for the replayed data order to be the same
+    run = {"ether": config.ether_args(), "seed": seed, "world_size": fabric.world_size,
+           "global_batch_size": train.global_batch_size, "micro_batch_size": train.micro_batch_size,
+           "max_seq_length": train.max_seq_length}  # fmt: skip
+    state = load_training_state(resume_dir, run) if resume_dir is not None else None
+    if state is not None:
+        adapter_state, _ = load_adapter(resume_dir / ADAPTER_FILE)
+        model.load_state_dict(adapter_state, strict=False)
+
     model = fabric.setup_module(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = fabric.setup_optimizers(instantiate_torch_optimizer(optimizer, trainable))
     scheduler = get_lr_scheduler(optimizer, warmup_steps=train.lr_warmup_steps, max_steps=lr_max_steps)
+    progress = None
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        progress = Progress(**state["progress"])
 
-    summary = {"trainable_parameters": num_parameters(model, requires_grad=True)}
-    if test_rows:
+    summary = progress.summary if progress else {"trainable_parameters": num_parameters(model, requires_grad=True)}
+    if test_rows and "exact_match_before" not in summary:
         summary["exact_match_before"] = exact_match(fabric, model, tokenizer, data.prompt_style, test_rows, eval)
         fabric.print(
             f"Held-out exact match before tuning: {summary['exact_match_before']:.1%} ({len(test_rows)} samples)"
         )
+    if progress is None:
+        progress = Progress(summary=summary)
+        rng = None
+    else:
+        rng = state["rng"]
 
-    train_time = time.perf_counter()
-    token_counts = fit(fabric, model, optimizer, scheduler, train_dataloader, val_dataloader, devices,
-                       checkpoint_dir, out_dir, train, eval, data, num_nodes)  # fmt: skip
-    training_time = time.perf_counter() - train_time
+    progress = fit(fabric, model, optimizer, scheduler, train_dataloader, val_dataloader, devices, checkpoint_dir,
+                   out_dir, train, eval, data, num_nodes, progress, rng, run)  # fmt: skip
+    training_time, token_counts = progress.seconds, progress.token_counts
     fabric.print(create_finetuning_performance_report(training_time, token_counts, fabric.device.type))
 
     summary["training_seconds"] = training_time
@@ -246,12 +285,9 @@ def main(
         summary["exact_match_after"] = exact_match(fabric, model, tokenizer, data.prompt_style, test_rows, eval)
 
     final_dir = out_dir / "final"
-    save_checkpoint(fabric, model, config, checkpoint_dir, final_dir, data)
-    if fabric.global_rank == 0:
-        merge_adapter(Resolved(final_dir, checkpoint_dir, final_dir / ADAPTER_FILE), final_dir)
-        (final_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        fabric.print(f"Saved the ETHER adapter and the merged model to {str(final_dir)!r}")
-        fabric.print(format_summary(summary))
+    save_checkpoint(fabric, model, config, checkpoint_dir, final_dir, data, summary=summary)
+    fabric.print(f"Saved the ETHER adapter and the merged model to {str(final_dir)!r}")
+    fabric.print(format_summary(summary))
     for logger in fabric.loggers:
         logger.finalize("success")  # flush what the logger still buffers
     fabric.barrier()
@@ -331,6 +367,23 @@ def exact_match(
     return correct / len(rows)
 
 
+@dataclass
+class Progress:
+    """Where a run stands: what a resumed run restores besides the adapter, optimizer, scheduler and RNG."""
+
+    step: int = 0
+    iter_num: int = 0
+    total_lengths: int = 0
+    seconds: float = 0.0  # training time spent by earlier processes of this run
+    val_loss: str = "n/a"
+    token_counts: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("raw_tokens", "raw_tokens_plus_prompt_template", "raw_tokens_plus_prompt_template_and_padding"), 0
+        )
+    )
+    summary: dict = field(default_factory=dict)
+
+
 def fit(
     fabric: L.Fabric,
     model: GPT,
@@ -345,7 +398,14 @@ def fit(
     eval: EvalArgs,
     data: DataModule,
     num_nodes: int = 1,
-) -> dict[str, int]:
+    progress: Progress | None = None,
+    rng: dict | None = None,
+    run: dict | None = None,
+) -> Progress:
+    """The training loop. With ``progress`` and ``rng`` from a step checkpoint it continues that run exactly: the
+    data iterator is replayed to the same position and the random state restored after it."""
+    resumed = rng is not None
+    progress = progress or Progress()
     tokenizer = Tokenizer(checkpoint_dir)
     longest_seq_length, _ = get_longest_seq_length(ConcatDataset([train_dataloader.dataset, val_dataloader.dataset]))
     model.max_seq_length = min(longest_seq_length, train.max_seq_length or float("inf"))
@@ -353,35 +413,35 @@ def fit(
         f"The longest sequence length in the train data is {longest_seq_length}, the model's maximum sequence length is"
         f" {model.max_seq_length} and context length is {model.config.block_size}"
     )
-    if eval.initial_validation:
-        val_loss = (
-            f"{validate(fabric, model, val_dataloader, dataclasses.replace(eval, max_iters=len(val_dataloader))):.3f}"
-        )
+    if eval.initial_validation and not resumed:
+        full = dataclasses.replace(eval, max_iters=len(val_dataloader))
+        progress.val_loss = f"{validate(fabric, model, val_dataloader, full):.3f}"
     else:
         validate(fabric, model, val_dataloader, dataclasses.replace(eval, max_iters=2), verbose=False)  # sanity check
-        val_loss = "n/a"
 
     accumulation = train.gradient_accumulation_iters(devices, num_nodes)
     train_iterator = CycleIterator(train_dataloader)
+    if resumed:
+        fabric.print(f"Resuming at step {progress.step}: replaying {progress.iter_num} batches of the data order")
+        for _ in range(progress.iter_num):
+            next(train_iterator)
+        set_rng_state(rng)
     throughput = ThroughputMonitor(fabric, window_size=50)
     running_loss = RunningMean(window=accumulation, sync_on_compute=False).to(fabric.device)
     max_steps = train.max_steps or float("inf")
     max_time = train.max_time or float("inf")
-    step_count = iter_num = total_lengths = 0
-    token_counts = {
-        "raw_tokens": 0,
-        "raw_tokens_plus_prompt_template": 0,
-        "raw_tokens_plus_prompt_template_and_padding": 0,
-    }
+    token_counts = progress.token_counts
     total_t0 = time.perf_counter()
     step_loss = torch.zeros((), device=fabric.device)  # the sum of this step's losses: non-finite if any is
 
-    while step_count < max_steps:
-        iter_num += 1
+    while progress.step < max_steps:
+        progress.iter_num += 1
+        iter_num = progress.iter_num
         iter_t0 = time.perf_counter()
         batch = next(train_iterator)
-        if train_iterator.epoch >= train.epochs or iter_t0 - total_t0 > max_time:
+        if train_iterator.epoch >= train.epochs or progress.seconds + iter_t0 - total_t0 > max_time:
             fabric.print("Number of epochs or max time reached, stopping training...")
+            progress.iter_num -= 1
             break
         input_ids, targets = batch["input_ids"], batch["labels"]
 
@@ -395,58 +455,139 @@ def fit(
         step_loss += loss.detach()
 
         if not is_accumulating:
-            check_finite_loss(fabric, step_loss, step_count + 1, out_dir)  # before the update: nothing is saved after
+            check_finite_loss(
+                fabric, step_loss, progress.step + 1, out_dir
+            )  # before the update: nothing is saved after
             step_loss.zero_()
             optimizer.step()
             optimizer.zero_grad()
             scheduler.step()
-            step_count += 1
+            progress.step += 1
 
         token_counts["raw_tokens"] += batch["token_counts"]["raw"].sum().item()
         token_counts["raw_tokens_plus_prompt_template"] += (
             batch["token_counts"]["raw_plus_prompt_template"].sum().item()
         )
         token_counts["raw_tokens_plus_prompt_template_and_padding"] += input_ids.numel()
-        total_lengths += input_ids.numel()
+        progress.total_lengths += input_ids.numel()
 
         if iter_num % train.log_interval == 0:
             loss = running_loss.compute().item()  # device-to-host sync
             t1 = time.perf_counter()
             throughput.update(
-                time=t1 - total_t0, batches=iter_num, samples=iter_num * train.micro_batch_size, lengths=total_lengths
+                time=t1 - total_t0,
+                batches=iter_num,
+                samples=iter_num * train.micro_batch_size,
+                lengths=progress.total_lengths,
             )
             throughput.compute_and_log(step=iter_num)
             metrics = {
                 "loss": loss,
                 "iter": iter_num,
-                "step": step_count,
+                "step": progress.step,
                 "epoch": train_iterator.epoch,
                 "iter_time": t1 - iter_t0,
                 "tokens": token_counts["raw_tokens_plus_prompt_template"],
                 "learning_rate": scheduler.get_last_lr()[0],
             }
             fabric.print(
-                f"Epoch {metrics['epoch'] + 1} | iter {iter_num} step {step_count} | loss train: {loss:.3f},"
-                f" val: {val_loss} | iter time: {metrics['iter_time'] * 1000:.2f} ms"
+                f"Epoch {metrics['epoch'] + 1} | iter {iter_num} step {progress.step} | loss train: {loss:.3f},"
+                f" val: {progress.val_loss} | iter time: {metrics['iter_time'] * 1000:.2f} ms"
                 f"{'' if is_accumulating else ' (step)'}"
             )
             fabric.log_dict(metrics, step=iter_num)
 
-        if not is_accumulating and step_count % eval.interval == 0:
+        if not is_accumulating and progress.step % eval.interval == 0:
             t0 = time.perf_counter()
             val = validate(fabric, model, val_dataloader, eval)
             if fabric.global_rank == 0:
                 generate_example(fabric, model, tokenizer, eval, data)
             val = fabric.all_reduce(val.to(fabric.device), reduce_op="mean")
-            val_loss = f"{val.item():.3f}"
-            fabric.print(f"iter {iter_num}: val loss {val_loss}, val time: {(time.perf_counter() - t0) * 1000:.2f} ms")
+            progress.val_loss = f"{val.item():.3f}"
+            fabric.print(
+                f"iter {iter_num}: val loss {progress.val_loss}, val time: {(time.perf_counter() - t0) * 1000:.2f} ms"
+            )
             fabric.log_dict({"val_loss": val.item(), "val_ppl": math.exp(val.item())}, step=iter_num)
 
-        if train.save_interval is not None and not is_accumulating and step_count % train.save_interval == 0:
-            save_checkpoint(fabric, model, model.config, checkpoint_dir, out_dir / f"step-{step_count:06d}", data)
+        if train.save_interval is not None and not is_accumulating and progress.step % train.save_interval == 0:
+            seconds = progress.seconds + time.perf_counter() - total_t0
+            state = training_state(dataclasses.replace(progress, seconds=seconds), optimizer, scheduler, run or {})
+            save_dir = out_dir / f"step-{progress.step:06d}"
+            save_checkpoint(fabric, model, model.config, checkpoint_dir, save_dir, data, state)
 
-    return {k: int(fabric.all_reduce(torch.tensor(v, device=fabric.device), reduce_op="sum").item())
-            for k, v in token_counts.items()}  # fmt: skip
+    progress.seconds += time.perf_counter() - total_t0
+    progress.token_counts = {k: int(fabric.all_reduce(torch.tensor(v, device=fabric.device), reduce_op="sum").item())
+                             for k, v in token_counts.items()}  # fmt: skip
+    return progress
+
+
+# --------------------------------------------------------------------------------------------------
+# Resuming: a step checkpoint holds the adapter and ``training_state.pth`` (optimizer, scheduler, RNG, progress).
+
+
+def rng_state() -> dict:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+
+
+def training_state(progress: Progress, optimizer: torch.optim.Optimizer, scheduler: Any, run: dict) -> dict:
+    return {
+        "progress": dataclasses.asdict(progress),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "run": run,
+    }
+
+
+def step_checkpoints(out_dir: Path) -> list[Path]:
+    """The complete step checkpoints in ``out_dir``, oldest first (a save in progress has another name)."""
+    steps = [d for d in out_dir.glob("step-*") if d.name[5:].isdigit() and (d / TRAINING_STATE_FILE).is_file()]
+    return sorted(steps, key=lambda d: int(d.name[5:]))
+
+
+def prepare_out_dir(out_dir: Path, resume: bool | str | Path, overwrite: bool) -> Path | None:
+    """The step checkpoint to resume from, if any; refuses to start over a previous run unless ``overwrite``."""
+    if resume is True or resume == "auto":
+        found = step_checkpoints(out_dir)
+        if found:
+            return found[-1]
+    elif resume:
+        path = Path(resume)
+        if not (path / TRAINING_STATE_FILE).is_file() or not (path / ADAPTER_FILE).is_file():
+            raise ConfigError(f"--resume {str(path)!r} is not a step checkpoint of a finetune run (a step-* directory)")
+        return path
+    previous = sorted(d.name for d in (*out_dir.glob("step-*"), out_dir / "final") if d.is_dir())
+    if previous and not overwrite:
+        listed = ", ".join(previous[:3]) + (", ..." if len(previous) > 3 else "")
+        raise ConfigError(
+            f"out_dir {str(out_dir)!r} already holds a run ({listed}): pass --resume auto to continue it,"
+            " or --overwrite true to start over and delete it"
+        )
+    for name in previous:
+        shutil.rmtree(out_dir / name)
+    return None
+
+
+def load_training_state(resume_dir: Path, run: dict) -> dict:
+    """The saved state, checked to belong to a run with the same settings (else the replay would not match)."""
+    try:
+        state = torch.load(resume_dir / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+        saved_run = state["run"]
+    except Exception as err:
+        raise ConfigError(f"{str(resume_dir)!r} has no readable training state ({type(err).__name__}: {err})") from None
+    changed = sorted(k for k in set(run) | set(saved_run) if run.get(k) != saved_run.get(k))
+    if changed:
+        diff = ", ".join(f"{k}: {saved_run.get(k)!r} -> {run.get(k)!r}" for k in changed[:3])
+        raise ConfigError(f"cannot resume {str(resume_dir)!r}: this run's settings differ ({diff})")
+    return state
 
 
 class NonFiniteLossError(RuntimeError):
@@ -475,14 +616,30 @@ def check_finite_loss(fabric: L.Fabric, step_loss: torch.Tensor, step: int, out_
 
 
 def save_checkpoint(
-    fabric: L.Fabric, model: torch.nn.Module, config: Config, checkpoint_dir: Path, save_dir: Path, data: DataModule
+    fabric: L.Fabric,
+    model: torch.nn.Module,
+    config: Config,
+    checkpoint_dir: Path,
+    save_dir: Path,
+    data: DataModule,
+    training_state: dict | None = None,
+    summary: dict | None = None,
 ) -> None:
-    """An adapter dir: the ETHER tensors and everything needed to use them with the base checkpoint."""
+    """An adapter dir: the ETHER tensors and everything needed to use them with the base checkpoint (and to resume
+    from it, with ``training_state``; ``summary`` also merges the adapter, for the final dir).
+
+    Written under a temporary name and renamed into place once complete, so a kill never leaves half a checkpoint.
+    """
     if fabric.global_rank == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in ether_state_dict(model).items()}
-        save_adapter(save_dir / ADAPTER_FILE, state, config)
-        copy_config_files(checkpoint_dir, save_dir)
-        save_hyperparameters(setup, save_dir, known_commands=["finetune"])
-        save_prompt_style(data.prompt_style, save_dir)
+        with staged_dir(save_dir) as tmp:
+            state = {k: v.detach().cpu() for k, v in ether_state_dict(model).items()}
+            save_adapter(tmp / ADAPTER_FILE, state, config)
+            copy_config_files(checkpoint_dir, tmp)
+            save_hyperparameters(setup, tmp, known_commands=["finetune"])
+            save_prompt_style(data.prompt_style, tmp)
+            if training_state is not None:
+                torch.save(training_state, tmp / TRAINING_STATE_FILE)
+            if summary is not None:
+                merge_adapter(Resolved(tmp, checkpoint_dir, tmp / ADAPTER_FILE), tmp)
+                (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     fabric.barrier()

@@ -39,6 +39,7 @@ def train_command(method: str, lr: float, steps: int, out_dir: Path) -> list[str
             str(preset),
             f"--optimizer.lr={lr}",
             "--test_data=null",
+            "--overwrite=true",  # a rerun of the sweep replaces its runs
             *common,
         ]
     # litgpt's LoRA on the same targets, data and schedule as the ETHER presets
