@@ -45,7 +45,7 @@ def test_saved_activations(llama_counts):
     adapter = 2 * c.n_layer * 2 * 2 * c.n_embd  # two-sided ETHER+ on q and v: the most vectors of any variant
     for n in (1, 4, 32):
         projections = c.n_layer * 2 * c.n_embd * 2 * n * 2  # q and v, bf16
-        assert saved[f"ether-n{n}"] <= saved["lora-r8"]
+        assert saved[f"ether-n{n}"] <= saved["lora-r8"] + 16 * adapter
         assert saved[f"etherplus-n{n}"] <= saved["lora-r8"] + 16 * adapter + projections
         for method in ("ether", "etherplus"):
             assert saved[f"reference-{method}-n{n}"] > 1.5 * saved[f"{method}-n{n}"]
