@@ -106,8 +106,10 @@ def reflect(z: torch.Tensor, units: torch.Tensor, coefs: tuple[float, ...]) -> t
     ``H`` is symmetric, so this is also ``H z`` for column vectors. All dot products use the original ``z``,
     which is what makes ETHER+'s two hyperplanes one matrix.
     """
-    n, _, k = units.shape
-    update = torch.einsum("...nj,njk->...nk", _scale(_dots(z, units), coefs), units)
+    n, j, k = units.shape
+    scaled = _scale(_dots(z, units), coefs)  # (..., n, j)
+    # one vector (ETHER): a broadcast outer product; a matmul with an inner size of 1 is much slower on CPU
+    update = scaled * units[:, 0] if j == 1 else torch.einsum("...nj,njk->...nk", scaled, units)
     return (z.reshape(*z.shape[:-1], n, k) + update).reshape(z.shape)
 
 

@@ -565,6 +565,11 @@ def prepare_out_dir(out_dir: Path, resume: bool | str | Path, overwrite: bool) -
             raise ConfigError(f"--resume {str(path)!r} is not a step checkpoint of a finetune run (a step-* directory)")
         return path
     previous = sorted(d.name for d in (*out_dir.glob("step-*"), out_dir / "final") if d.is_dir())
+    if previous and not overwrite and resume:
+        raise ConfigError(
+            f"out_dir {str(out_dir)!r} holds a run but no complete step checkpoint to resume from:"
+            " pass --overwrite true to start over and delete it"
+        )
     if previous and not overwrite:
         listed = ", ".join(previous[:3]) + (", ..." if len(previous) > 3 else "")
         raise ConfigError(

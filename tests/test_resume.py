@@ -165,3 +165,24 @@ def test_resume_from_something_else_is_refused(checkpoint_dir, dataset_path, tmp
         f"litgpt_ether: error: --resume {str(checkpoint_dir)!r} is not a step checkpoint of a finetune run"
         " (a step-* directory)"
     ]
+
+
+def test_resume_auto_with_nothing_to_resume_does_not_start_over_a_finished_run(checkpoint_dir, dataset_path, tmp_path):
+    out_dir = tmp_path / "out"
+    (out_dir / "final").mkdir(parents=True)
+    result = run_main(*finetune_args(checkpoint_dir, dataset_path, out_dir, "--resume", "auto"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"litgpt_ether: error: out_dir {str(out_dir)!r} holds a run but no complete step checkpoint to resume from:"
+        " pass --overwrite true to start over and delete it"
+    ]
+    assert [p.name for p in out_dir.iterdir()] == ["final"]
+
+
+def test_resume_auto_in_an_empty_out_dir_starts_afresh(checkpoint_dir, dataset_path, tmp_path):
+    out_dir = tmp_path / "out"
+    result = run_main(*finetune_args(checkpoint_dir, dataset_path, out_dir, "--resume", "auto",
+                                     "--train.max_steps", "3", "--train.save_interval", "2"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming" not in result.stdout
+    assert (out_dir / "step-000002" / TRAINING_STATE_FILE).is_file() and (out_dir / "final" / ADAPTER_FILE).is_file()
