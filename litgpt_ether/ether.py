@@ -230,8 +230,9 @@ class Reflection(nn.Module):
         w = self.u[:, None] if self.v is None else torch.stack([self.u, self.v], dim=1)
         w = w.to(torch.promote_types(w.dtype, torch.float32))
         # scaled by the largest entry first, so any nonzero vector, however tiny, becomes exactly unit (as ETHER's
-        # backward, which relies on H² = I, needs) and a zero vector stays zero: H = I instead of NaN
-        w = w / w.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+        # backward, which relies on H² = I, needs) and a zero vector stays zero: H = I instead of NaN. The scale
+        # is a constant to autograd: normalising is scale-invariant, so the gradient is the same and less is saved.
+        w = w / w.detach().abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
         return F.normalize(w, dim=-1).to(dtype)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
