@@ -61,7 +61,7 @@ def test_demo_preset_unlocks_held_out_instructions(tmp_path, method):
         "finetune", "--config", str(ROOT / "config_hub" / "finetune" / "demo" / f"{method}.yaml"),
         str(DEMO / "base"), "--data.json_path", str(DEMO / "data"),
         "--out_dir", str(tmp_path / "out"), "--test_data", str(tmp_path / "test.json"),
-        "--train.max_steps", "200", "--eval.interval", "1000",
+        "--train.max_steps", "300", "--eval.interval", "1000",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "final" / "summary.json").read_text())
