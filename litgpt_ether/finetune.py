@@ -251,24 +251,20 @@ def main(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = fabric.setup_optimizers(instantiate_torch_optimizer(optimizer, trainable))
     scheduler = get_lr_scheduler(optimizer, warmup_steps=train.lr_warmup_steps, max_steps=lr_max_steps)
-    progress = None
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         progress = Progress(**state["progress"])
+    else:
+        progress = Progress(summary={"trainable_parameters": num_parameters(model, requires_grad=True)})
 
-    summary = progress.summary if progress else {"trainable_parameters": num_parameters(model, requires_grad=True)}
+    summary = progress.summary  # saved with every step checkpoint, so a resumed run keeps the "before" score
     if test_rows and "exact_match_before" not in summary:
         summary["exact_match_before"] = exact_match(fabric, model, tokenizer, data.prompt_style, test_rows, eval)
         fabric.print(
             f"Held-out exact match before tuning: {summary['exact_match_before']:.1%} ({len(test_rows)} samples)"
         )
-    if progress is None:
-        progress = Progress(summary=summary)
-        rng = None
-    else:
-        rng = state["rng"]
-
+    rng = state["rng"] if state is not None else None
     progress = fit(fabric, model, optimizer, scheduler, train_dataloader, val_dataloader, devices, checkpoint_dir,
                    out_dir, train, eval, data, num_nodes, progress, rng, run)  # fmt: skip
     training_time, token_counts = progress.seconds, progress.token_counts
@@ -441,7 +437,6 @@ def fit(
         batch = next(train_iterator)
         if train_iterator.epoch >= train.epochs or progress.seconds + iter_t0 - total_t0 > max_time:
             fabric.print("Number of epochs or max time reached, stopping training...")
-            progress.iter_num -= 1
             break
         input_ids, targets = batch["input_ids"], batch["labels"]
 
@@ -455,9 +450,8 @@ def fit(
         step_loss += loss.detach()
 
         if not is_accumulating:
-            check_finite_loss(
-                fabric, step_loss, progress.step + 1, out_dir
-            )  # before the update: nothing is saved after
+            # before the update, so no checkpoint is ever saved from a bad step
+            check_finite_loss(fabric, step_loss, progress.step + 1, out_dir)
             step_loss.zero_()
             optimizer.step()
             optimizer.zero_grad()
@@ -612,11 +606,8 @@ def check_finite_loss(fabric: L.Fabric, step_loss: torch.Tensor, step: int, out_
         return
     for logger in fabric.loggers:
         logger.finalize("failed")  # keep the logged metrics up to the bad step
-    saved = {
-        int(d.name[5:]): d for d in out_dir.glob("step-*") if d.name[5:].isdigit() and (d / ADAPTER_FILE).is_file()
-    }
-    good = [n for n in saved if n < step]
-    last = f"the last good checkpoint is {saved[max(good)]}" if good else "no checkpoint was saved before it"
+    good = [d for d in step_checkpoints(out_dir) if int(d.name[5:]) < step]
+    last = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was saved before it"
     raise NonFiniteLossError(f"loss became {value} at step {step}; {last}")
 
 
