@@ -13,7 +13,7 @@ import torch
 from litgpt.chat.base import interact
 from litgpt.tokenizer import Tokenizer
 
-from litgpt_ether.checks import InferenceQuantize, check_quantize
+from litgpt_ether.checks import InferenceQuantize
 from litgpt_ether.generate import PromptTooLongError, check_fits, check_sampling_args, load_for_inference
 
 
@@ -71,14 +71,13 @@ def main(
             (greedy decoding).
         precision: Fabric precision ("bf16-true", "16-true", "32-true", ...). Defaults to the best the device
             supports, as litgpt does.
-        quantize: Quantize the weights with bitsandbytes (litgpt's choices). Not implemented yet: an error.
+        quantize: Quantize the weights with bitsandbytes (litgpt's choices; needs CUDA).
         multiline: Read multi-line prompts, each ended by a line ``!submit``.
         seed: The random seed for sampling.
     """
     print(pformat(locals()), file=sys.stderr)
     check_sampling_args(max_new_tokens, top_k, top_p)
-    check_quantize(quantize, training=False)
-    inference = load_for_inference(checkpoint_dir, base_checkpoint_dir, precision)
+    inference = load_for_inference(checkpoint_dir, base_checkpoint_dir, precision, quantize)
     guarded = _ContextGuard(inference.tokenizer, max_new_tokens, inference.block_size)
 
     if multiline:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 from litgpt.data import JSON, DataModule, SFTDataset
 from litgpt.data.json_data import load_split
+from litgpt.utils import get_default_supported_precision
 
 from litgpt_ether.ether import ConfigError
 
@@ -21,15 +22,35 @@ InferenceQuantize = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "b
 Accelerator = Literal["auto", "cpu", "cuda", "gpu", "mps"]
 
 
-def check_quantize(quantize: str | None, training: bool) -> None:
-    """``--quantize`` is accepted with litgpt's choices, but nothing quantizes yet: say so instead of ignoring it."""
+def quantization(
+    quantize: str | None, precision: str | None, training: bool, accelerator: str = "auto", world_size: int = 1
+) -> tuple[str | None, Any]:
+    """``(precision, plugins)`` for ``L.Fabric``: the precision defaults to the best the device supports, and
+    ``--quantize`` becomes Fabric's bitsandbytes plugin (with a "-true" precision), as in litgpt.
+
+    Refuses, in one line, what the plugin cannot do: no CUDA device (it quantizes on CUDA only), several devices
+    (FSDP does not shard quantized weights), mixed precision, and int8 with another dtype than float16.
+    """
     if quantize is None:
-        return
+        return precision or get_default_supported_precision(training), None
+    if accelerator not in ("auto", "cuda", "gpu"):
+        raise ConfigError(f"--quantize {quantize} needs a CUDA device; it cannot run on {accelerator!r}")
     if not torch.cuda.is_available():
         raise ConfigError(f"--quantize {quantize} needs a CUDA device (none found)")
-    raise ConfigError(
-        f"--quantize {quantize}: quantized {'training' if training else 'inference'} is not implemented yet"
-    )
+    if world_size > 1:
+        raise ConfigError(
+            f"--quantize {quantize} trains on one device only, got {world_size}: FSDP does not shard quantized weights"
+        )
+    int8 = quantize.startswith("bnb.int8")
+    if precision is None:
+        precision = "16-true" if int8 or not torch.cuda.is_bf16_supported() else "bf16-true"
+    dtypes = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "32-true": torch.float32}
+    if precision not in dtypes or (int8 and precision != "16-true"):
+        need = "16-true" if int8 else "16-true, bf16-true or 32-true (not mixed)"
+        raise ConfigError(f"--quantize {quantize} needs --precision {need}, got {precision!r}")
+    from lightning.fabric.plugins import BitsandbytesPrecision
+
+    return None, BitsandbytesPrecision(quantize.removeprefix("bnb."), dtypes[precision])
 
 
 def check_devices(accelerator: str, devices: int | str) -> int:

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from litgpt.config import Config as BaseConfig
+from torch.distributed.tensor import DTensor, distribute_tensor
 from typing_extensions import Self
 
 
@@ -124,18 +125,36 @@ def _units_grad(z: torch.Tensor, g: torch.Tensor, units: torch.Tensor, coefs: tu
     return torch.einsum("tnj,tnk->njk", zd, g.view(-1, n, k)) + torch.einsum("tnj,tnk->njk", gd, z.view(-1, n, k))
 
 
-def reflect_through(
-    x: torch.Tensor, weight: torch.Tensor, units: torch.Tensor, coefs: tuple[float, ...]
-) -> torch.Tensor:
-    """Return ``(x @ H - x) @ weightᵀ``: the input-side reflection as a rank-``n·j`` correction.
+def weight_units(
+    linear: nn.Module, rows: Sequence[tuple[int, int]], units: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``W_b w_bj`` for each pair of row range ``a:b`` of a linear's weight and ``(n, j, k)`` units: ``(b - a, n*j)``.
+
+    A float weight is read once per pair (``O(f·d·j)``). A quantized one (bitsandbytes) is only ever multiplied
+    through its own layer, once for all pairs, with the block-padded vectors as a batch: never dequantized for
+    ETHER's sake.
+    """
+    weight = linear.weight
+    if weight.dtype.is_floating_point:
+        return [torch.einsum("fnk,njk->fnj", weight[a:b].reshape(b - a, *u.shape[::2]), u).flatten(1)
+                for (a, b), u in zip(rows, units)]  # fmt: skip
+    padded = []
+    for u in units:  # vector (b, j) in block b, zeros elsewhere
+        n, j, k = u.shape
+        eye = torch.eye(n, dtype=u.dtype, device=u.device)
+        padded.append(torch.einsum("nm,njk->njmk", eye, u).reshape(n * j, n * k))
+    out = linear(torch.cat(padded)).to(units[0].dtype)
+    return [o[:, a:b].T for o, (a, b) in zip(out.split([p.shape[0] for p in padded]), rows)]
+
+
+def reflect_through(x: torch.Tensor, units: torch.Tensor, coefs: tuple[float, ...], proj: torch.Tensor) -> torch.Tensor:
+    """Return ``(x @ H - x) @ Wᵀ`` given ``proj = W_b w_bj`` (``weight_units``): the input-side reflection as a
+    rank-``n·j`` correction.
 
     Used where one matmul serves several input reflections (the fused QKV): ``x H Wᵀ = x Wᵀ +
     sum_j c_j (x_b · w_j) (W_b w_j)ᵀ``, so only cheap matrix-vector products touch ``W``.
     """
-    n, j, k = units.shape
-    dots = _scale(_dots(x, units), coefs).flatten(-2)  # (..., n*j)
-    proj = torch.einsum("fnk,njk->fnj", weight.reshape(weight.shape[0], n, k), units).flatten(1)  # (f, n*j)
-    return dots @ proj.T
+    return _scale(_dots(x, units), coefs).flatten(-2) @ proj.T
 
 
 class _ReflectOutputs(torch.autograd.Function):
@@ -206,16 +225,22 @@ class Reflection(nn.Module):
     """The trainable vectors of one side: ``u`` (and ``v`` for ETHER+), each ``(n, size // n)``."""
 
     def __init__(
-        self, size: int, n_blocks: int, plus: bool, device: torch.device | None = None, dtype: torch.dtype | None = None
+        self,
+        size: int,
+        n_blocks: int,
+        plus: bool,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         self.u = nn.Parameter(torch.empty(n_blocks, size // n_blocks, device=device, dtype=dtype))
         self.v = nn.Parameter(torch.empty_like(self.u)) if plus else None
-        self.reset_parameters()
+        self.reset_parameters(generator)
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         # like a Kaiming-uniform weight (a=√5), as the reference; ETHER+ starts at H = I with v = -u
-        nn.init.kaiming_uniform_(self.u, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.u, a=math.sqrt(5), generator=generator)
         if self.v is not None:
             with torch.no_grad():
                 self.v.copy_(-self.u)
@@ -239,25 +264,71 @@ class Reflection(nn.Module):
         return reflect(z, self.units(z.dtype), self.coefs)
 
 
-def _new_reflection(config: Config, size: int, like: torch.Tensor, where: str) -> Reflection:
+def _new_reflection(config: Config, size: int, linear: nn.Module, where: str) -> Reflection:
     n = config.ether_nb
     if size % n:
         raise ConfigError(f"ether_nb={n} does not divide {where} (size {size})")
-    return Reflection(size, n, config.ether_plus, device=like.device, dtype=like.dtype)
+    weight = linear.weight  # a quantized weight (integer storage) leaves the vectors in the compute dtype
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.get_default_dtype()
+    return Reflection(size, n, config.ether_plus, device=weight.device, dtype=dtype)
 
 
-class ETHERLayer(nn.Linear):
-    """Base of the ETHER layers: adopts a frozen linear's weight and bias, so nothing is reallocated and
-    base state-dict keys stay as they are."""
+def _to_base_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    """State-dict hook: ``qkv.linear.weight`` -> ``qkv.weight``, so checkpoints keep the base model's layout."""
+    inner = prefix + "linear."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+
+
+def _to_wrapped_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: the inverse of ``_to_base_keys`` (``weight`` and any quantization state keys)."""
+    for key in [k for k in state_dict if k == prefix + "weight" or k.startswith(prefix + "weight.")]:
+        state_dict[prefix + "linear." + key[len(prefix) :]] = state_dict.pop(key)
+
+
+class ETHERLayer(nn.Module):
+    """Base of the ETHER layers: wraps a frozen linear of any kind (``nn.Linear`` or a bitsandbytes quantized one)
+    and acts on the activations around it, so quantized weights are used as they are.
+
+    The layer takes over the linear's bias, which comes after an output-side reflection; state-dict keys stay the
+    base model's (``qkv.weight``, ``qkv.bias``), so base checkpoints load as they are.
+    """
 
     def __init__(self, linear: nn.Linear, config: Config) -> None:
-        nn.Module.__init__(self)
+        super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
+        self.register_parameter("bias", linear.bias)
+        linear.bias = None
+        self.linear = linear
         self.ether_dropout = nn.Dropout(config.ether_dropout) if config.ether_dropout > 0 else nn.Identity()
+        self.register_state_dict_post_hook(_to_base_keys)
+        self.register_load_state_dict_pre_hook(_to_wrapped_keys)
 
-    def merged_weight(self) -> torch.Tensor:
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    def reset_parameters(self) -> None:
+        """For meta-device materialization (FSDP); the base checkpoint overwrites the bias anyway."""
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def project(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
+        """``x Wᵀ`` (``+ b`` with ``bias``): one fused call for a plain linear, the layer's own for a quantized one."""
+        b = self.bias if bias else None
+        if type(self.linear) is nn.Linear:
+            return F.linear(x, self.linear.weight, b)
+        z = self.linear(x)
+        return z if b is None else z + b
+
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight with the reflections folded in, computed in fp32 and cast to ``dtype`` (default: the weight's)."""
         raise NotImplementedError
+
+    def _dense_weight(self) -> torch.Tensor:
+        if not self.weight.dtype.is_floating_point:
+            raise ConfigError("cannot merge into quantized weights: merge into the full-precision base checkpoint")
+        return self.weight.float()
 
 
 class ETHERLinear(ETHERLayer):
@@ -265,27 +336,26 @@ class ETHERLinear(ETHERLayer):
 
     def __init__(self, linear: nn.Linear, config: Config, name: str, in_side: bool, out_side: bool) -> None:
         super().__init__(linear, config)
-        w = linear.weight
-        self.ether_in = _new_reflection(config, self.in_features, w, f"{name} input") if in_side else None
-        self.ether_out = _new_reflection(config, self.out_features, w, f"{name} output") if out_side else None
+        self.ether_in = _new_reflection(config, self.in_features, linear, f"{name} input") if in_side else None
+        self.ether_out = _new_reflection(config, self.out_features, linear, f"{name} output") if out_side else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ether_dropout(x)
         if self.ether_in is not None:
             x = self.ether_in(x)
         if self.ether_out is None:
-            return F.linear(x, self.weight, self.bias)
-        return reflect_outputs(F.linear(x, self.weight), self.bias, [(0, self.out_features)], [self.ether_out])
+            return self.project(x, bias=True)
+        return reflect_outputs(self.project(x, bias=False), self.bias, [(0, self.out_features)], [self.ether_out])
 
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """``H_out W H_in`` computed in fp32, cast back to the weight's dtype."""
-        w = self.weight.float()
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``H_out W H_in`` computed in fp32."""
+        w = self._dense_weight()
         if self.ether_in is not None:
             w = self.ether_in(w)  # W H: rows live on the input side
         if self.ether_out is not None:
             w = self.ether_out(w.T).T  # H W: columns live on the output side
-        return w.to(self.weight.dtype)
+        return w.to(dtype or self.weight.dtype)
 
 
 class ETHERQKVLinear(ETHERLayer):
@@ -302,14 +372,13 @@ class ETHERQKVLinear(ETHERLayer):
         self.sizes = (q_size, kv_size, kv_size)
         self.bounds = [(0, q_size), (q_size, q_size + kv_size), (q_size + kv_size, q_size + 2 * kv_size)]
         self.segments = [(i, s) for i, (s, on) in enumerate(zip("qkv", config.ether_qkv)) if on]
-        w = linear.weight
         self.ether_out = nn.ModuleDict(
-            {s: _new_reflection(config, self.sizes[i], w, f"{name} ({s}) output") for i, s in self.segments}
+            {s: _new_reflection(config, self.sizes[i], linear, f"{name} ({s}) output") for i, s in self.segments}
         )
         self.ether_in = None
         if config.ether_two_sided:
             self.ether_in = nn.ModuleDict(
-                {s: _new_reflection(config, self.in_features, w, f"{name} ({s}) input") for _, s in self.segments}
+                {s: _new_reflection(config, self.in_features, linear, f"{name} ({s}) input") for _, s in self.segments}
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -317,22 +386,22 @@ class ETHERQKVLinear(ETHERLayer):
         slices = [self.bounds[i] for i, _ in self.segments]
         extras = None
         if self.ether_in is not None:  # each segment's input reflection as a low-rank correction to its slice
-            extras = [
-                reflect_through(x, self.weight[a:b], self.ether_in[s].units(x.dtype), self.ether_in[s].coefs)
-                for (a, b), (_, s) in zip(slices, self.segments)
-            ]
+            reflections = [self.ether_in[s] for _, s in self.segments]
+            units = [r.units(x.dtype) for r in reflections]
+            projs = weight_units(self.linear, slices, units)
+            extras = [reflect_through(x, u, r.coefs, p) for u, r, p in zip(units, reflections, projs)]
         reflections = [self.ether_out[s] for _, s in self.segments]
-        return reflect_outputs(F.linear(x, self.weight), self.bias, slices, reflections, extras)
+        return reflect_outputs(self.project(x, bias=False), self.bias, slices, reflections, extras)
 
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        w = self.weight.float().clone()
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = self._dense_weight().clone()
         for i, s in self.segments:
             a, b = self.bounds[i]
             if self.ether_in is not None:
                 w[a:b] = self.ether_in[s](w[a:b])
             w[a:b] = self.ether_out[s](w[a:b].T).T
-        return w.to(self.weight.dtype)
+        return w.to(dtype or self.weight.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,17 +482,55 @@ def mark_only_ether_as_trainable(model: nn.Module) -> None:
 
 
 def ether_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if ether_filter(k, v)}
+    """The ETHER tensors, whole: FSDP shards are gathered, so every process must call it on a sharded model."""
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()
+            if ether_filter(k, v)}  # fmt: skip
+
+
+def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> Any:
+    """``model.load_state_dict(state_dict, strict=False)`` for a whole or an FSDP-sharded model: every process
+    passes the whole tensors and keeps its own shard of each. Returns the missing and unexpected keys."""
+    targets = model.state_dict()
+    local = {}
+    for key, value in state_dict.items():
+        target = targets.get(key)
+        if isinstance(target, DTensor):
+            value = value.to(device=target.device, dtype=target.dtype)
+            value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+        local[key] = value
+    return model.load_state_dict(local, strict=False)
+
+
+def initial_ether_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Fresh ETHER tensors for ``model`` (on any device, "meta" included), drawn on the CPU from ``seed`` alone.
+
+    So a run starts from the same adapter whatever the device, precision or number of processes: a sharded
+    model cannot draw its vectors the way a whole one does.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    shapes = ether_state_dict(model)
+    state = {}
+    for key, value in shapes.items():
+        prefix, _, name = key.rpartition(".")
+        if name == "u":
+            n, k = value.shape
+            fresh = Reflection(n * k, n, plus=f"{prefix}.v" in shapes, generator=generator)
+            state.update({f"{prefix}.{p}": t.detach().to(value.dtype) for p, t in fresh.named_parameters()})
+    return state
 
 
 def load_base_checkpoint(model: nn.Module, checkpoint_path: Path, assign: bool = False) -> None:
     """Load an unmodified litgpt ``lit_model.pth``: every key must match, except the ETHER ones.
 
-    ``assign=True`` adopts the (memory-mapped) tensors instead of copying: for a model built on "meta".
+    ``assign=True`` adopts the (memory-mapped) tensors instead of copying: for a model built on "meta". A sharded
+    (FSDP) model keeps its shard of each tensor; a quantized one quantizes the weights as they load.
     """
     state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
     state_dict = state_dict.get("model", state_dict)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=assign)
+    if assign:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    else:
+        missing, unexpected = load_state(model, state_dict)
     missing = [k for k in missing if not ether_filter(k, None)]
     if missing or unexpected:
         raise ConfigError(

@@ -23,7 +23,7 @@ from litgpt.utils import get_default_supported_precision
 from tqdm import tqdm
 
 from litgpt_ether.checkpoint import load_model, resolve, write_text_atomic
-from litgpt_ether.checks import InferenceQuantize, check_quantize
+from litgpt_ether.checks import InferenceQuantize, quantization
 from litgpt_ether.ether import ConfigError
 
 # lm-eval is the `eval` extra: without it every other verb still works, and this one says what to install
@@ -223,17 +223,16 @@ def find_tasks(tasks: str, include_path: Path | None) -> tuple["TaskManager", li
     return manager, manager.match_tasks(names)
 
 
-def setup_fabric(device: str | None, precision: str | None) -> L.Fabric:
+def setup_fabric(device: str | None, precision: str | None, quantize: str | None = None) -> L.Fabric:
     """One device, as litgpt's inference scripts use; ``device`` in lm-eval's terms ("cpu", "cuda", "cuda:1")."""
-    precision = precision or get_default_supported_precision(training=False)
-    if device is None:
-        return L.Fabric(devices=1, precision=precision)
     try:
-        parsed = torch.device(device)
+        parsed = torch.device(device) if device is not None else None
     except RuntimeError:
         raise ConfigError(f"--device {device!r} is not a device (examples: 'cpu', 'cuda', 'cuda:1')") from None
-    devices = [parsed.index] if parsed.index is not None else 1
-    return L.Fabric(accelerator=parsed.type, devices=devices, precision=precision)
+    accelerator = "auto" if parsed is None else parsed.type
+    precision, plugins = quantization(quantize, precision, training=False, accelerator=accelerator)
+    devices = [parsed.index] if parsed is not None and parsed.index is not None else 1
+    return L.Fabric(accelerator=accelerator, devices=devices, precision=precision, plugins=plugins)
 
 
 def evaluate(
@@ -270,7 +269,7 @@ def evaluate(
         out_dir: Where to write ``results.json``. Defaults to ``eval/`` inside the resolved checkpoint directory.
         precision: Fabric precision ("bf16-true", "16-true", "32-true", ...). Defaults to the best the device
             supports, as litgpt does.
-        quantize: Quantize the weights with bitsandbytes (litgpt's choices). Not implemented yet: an error.
+        quantize: Quantize the weights with bitsandbytes (litgpt's choices; needs CUDA).
         device: The device, as lm-eval names it ("cpu", "cuda", "cuda:1"). Defaults to the best available.
         seed: The random seed for Python, NumPy, torch and the few-shot sampler.
     """
@@ -278,10 +277,9 @@ def evaluate(
         raise ConfigError("evaluate needs lm-eval: pip install 'litgpt-ether[eval]'")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-    check_quantize(quantize, training=False)
+    fabric = setup_fabric(device, precision, quantize)
     task_manager, task_names = find_tasks(tasks, include_path)
     resolved = resolve(checkpoint_dir, base_checkpoint_dir)
-    fabric = setup_fabric(device, precision)
     t0 = time.perf_counter()
     model = fabric.setup_module(load_model(resolved))
     fabric.print(f"Time to load the model: {time.perf_counter() - t0:.02f} seconds.", file=sys.stderr)
@@ -292,6 +290,7 @@ def evaluate(
         "base_checkpoint_dir": str(resolved.base_dir),
         "adapter": str(resolved.adapter) if resolved.adapter is not None else None,
         "precision": precision or get_default_supported_precision(training=False),
+        "quantize": quantize,
     }
     results = simple_evaluate(
         model=lm,

@@ -13,6 +13,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from pprint import pprint
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import yaml
+from lightning.fabric.strategies import ModelParallelStrategy
 from lightning.fabric.utilities import ThroughputMonitor
 from litgpt.args import EvalArgs, LogArgs, TrainArgs
 from litgpt.data import Alpaca, DataModule
@@ -42,11 +44,18 @@ from litgpt.utils import (
     chunked_cross_entropy,
     copy_config_files,
     create_finetuning_performance_report,
-    get_default_supported_precision,
     init_out_dir,
     instantiate_torch_optimizer,
     num_parameters,
 )
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
 from torch.utils.data import ConcatDataset, DataLoader
 from torchmetrics import RunningMean
 
@@ -67,16 +76,22 @@ from litgpt_ether.checks import (
     check_json_data,
     check_optimizer,
     check_outputs_fit,
-    check_quantize,
+    quantization,
 )
 from litgpt_ether.ether import (
     GPT,
     Config,
     ConfigError,
+    ether_filter,
     ether_state_dict,
+    initial_ether_state,
     load_base_checkpoint,
+    load_state,
     mark_only_ether_as_trainable,
 )
+
+# optimizer state saved whole (FSDP shards gathered) and loaded from whole tensors: one format for any world size
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def setup(
@@ -116,6 +131,7 @@ def setup(
     test_data: Path | None = None,
     resume: bool | Literal["auto"] | Path = False,
     overwrite: bool = False,
+    activation_checkpointing: bool | None = None,
 ) -> None:
     """Finetune a model with ETHER or ETHER+.
 
@@ -124,11 +140,12 @@ def setup(
             tokenizer files).
         out_dir: Directory for checkpoints, logs and the final adapter and merged model.
         precision: "bf16-true", "bf16-mixed", "32-true", ... Defaults to the best the device supports.
-        quantize: Quantize the frozen base weights with bitsandbytes (litgpt's choices). Not implemented yet: an
-            error, rather than a run that silently ignores it.
+        quantize: Quantize the frozen base weights with bitsandbytes (litgpt's choices; one CUDA device). ETHER acts
+            on the activations around the quantized layers; the adapter merges into the full-precision base weights.
         accelerator: "auto", "cpu", "cuda" (or "gpu") or "mps".
-        devices: How many devices to use per node: a positive integer, or "auto" / -1 for every CUDA device.
-        num_nodes: How many nodes the code is being run on.
+        devices: How many devices to use per node: a positive integer, or "auto" / -1 for every CUDA device. More
+            than one (on any number of nodes) trains with FSDP: weights, gradients and optimizer state are sharded.
+        num_nodes: How many nodes the code is being run on (launch one process per node, see the README).
         ether_method: "ether" (one Householder reflection per block) or "etherplus" (ETHER+: two
             hyperplanes per block, both sides of each layer unless ``ether_one_sided``).
         ether_one_sided: ETHER+ only: reflect one side of each layer, like ETHER.
@@ -156,11 +173,16 @@ def setup(
             ``out_dir`` (starting afresh if there is none), a path names one. The adapter, optimizer, scheduler,
             RNG states and data position are restored, so the run ends as if it had never stopped.
         overwrite: Start afresh in an ``out_dir`` that holds a previous run's checkpoints, deleting them.
+        activation_checkpointing: Recompute each transformer block's activations in the backward pass instead of
+            keeping them: far less memory for about a third more compute. Default: on with more than one device.
     """
     ether_args = {k: v for k, v in locals().items() if k.startswith("ether_")}
     pprint(locals())
-    check_quantize(quantize, training=True)
     devices = check_devices(accelerator, devices)
+    world_size = devices * num_nodes
+    precision, plugins = quantization(quantize, precision, True, accelerator, world_size)
+    if activation_checkpointing is None:
+        activation_checkpointing = world_size > 1
     check_checkpoint_dir(checkpoint_dir)
     config = Config.from_file(checkpoint_dir / "model_config.yaml", **ether_args)
     with torch.device("meta"):
@@ -169,14 +191,13 @@ def setup(
     check_optimizer(optimizer)
     data = Alpaca() if data is None else data
     check_json_data(data)
-    if train.global_batch_size < devices * num_nodes * train.micro_batch_size:
+    if train.global_batch_size < world_size * train.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size={train.global_batch_size} is smaller than devices x num_nodes x"
-            f" train.micro_batch_size = {devices * num_nodes * train.micro_batch_size}"
+            f" train.micro_batch_size = {world_size * train.micro_batch_size}"
         )
     out_dir = init_out_dir(out_dir)
 
-    precision = precision or get_default_supported_precision(training=True)
     logger = choose_logger(
         logger_name,
         out_dir,
@@ -184,20 +205,27 @@ def setup(
         log_interval=train.log_interval,
         log_args=dataclasses.asdict(log),
     )
-    strategy = "ddp" if devices * num_nodes > 1 else "auto"
+    strategy = "auto"
+    if world_size > 1:
+        strategy = ModelParallelStrategy(
+            parallelize_fn=partial(parallelize, activation_checkpointing=activation_checkpointing),
+            data_parallel_size=world_size,
+            tensor_parallel_size=1,
+        )
     fabric = L.Fabric(
         accelerator=accelerator,
         devices=devices,
         num_nodes=num_nodes,
         strategy=strategy,
         precision=precision,
+        plugins=plugins,
         loggers=logger,
     )
     test_rows = load_test_rows(test_data) if test_data is not None else None
     resume_dir = prepare_out_dir(out_dir, resume, overwrite)  # last: with --overwrite it deletes the old run
     fabric.launch(
         main, devices, seed, config, data, checkpoint_dir, out_dir, train, eval, optimizer, num_nodes, test_rows,
-        resume_dir,
+        resume_dir, activation_checkpointing and world_size == 1,
     )  # fmt: skip
 
 
@@ -215,6 +243,7 @@ def main(
     num_nodes: int = 1,
     test_rows: list[dict] | None = None,
     resume_dir: Path | None = None,
+    checkpoint_blocks: bool = False,
 ) -> None:
     validate_args(train, eval)
 
@@ -228,14 +257,14 @@ def main(
             f"train.lr_warmup_steps={train.lr_warmup_steps} leaves no step after warmup (the run has {lr_max_steps})"
         )
 
-    fabric.seed_everything(seed)  # same seed for every process to init the model
+    fabric.seed_everything(seed)
 
-    with fabric.init_module():
+    # every tensor is loaded below, so nothing is initialised here: on "meta" for FSDP, which shards it first
+    with fabric.init_module(empty_init=True):
         model = GPT(config)
-    load_base_checkpoint(model, checkpoint_dir / "lit_model.pth")
     mark_only_ether_as_trainable(model)
-
-    fabric.print(f"Number of trainable parameters: {num_parameters(model, requires_grad=True):,}")
+    trainable_parameters = num_parameters(model, requires_grad=True)
+    fabric.print(f"Number of trainable parameters: {trainable_parameters:,}")
     fabric.print(f"Number of non-trainable parameters: {num_parameters(model, requires_grad=False):,}")
 
     # what a resumed run must share with the run it continues, for the replayed data order to be the same
@@ -243,20 +272,31 @@ def main(
            "global_batch_size": train.global_batch_size, "micro_batch_size": train.micro_batch_size,
            "max_seq_length": train.max_seq_length}  # fmt: skip
     state = load_training_state(resume_dir, run) if resume_dir is not None else None
-    if state is not None:
-        adapter_state, _ = load_adapter(resume_dir / ADAPTER_FILE)
-        model.load_state_dict(adapter_state, strict=False)
+    # the same starting adapter on any device and number of processes, drawn from the seed alone
+    adapter = load_adapter(resume_dir / ADAPTER_FILE)[0] if state is not None else initial_ether_state(model, seed)
 
+    if checkpoint_blocks:  # with FSDP, ``parallelize`` does it
+        checkpoint_each_block(model)
     model = fabric.setup_module(model)
+    load_base_checkpoint(model, checkpoint_dir / "lit_model.pth")
+    missing, unexpected = load_state(model, adapter)
+    if [k for k in missing if ether_filter(k, None)] or unexpected:
+        raise ConfigError(f"the adapter in {str(resume_dir)!r} does not fit the model (missing or unexpected tensors)")
+    if fabric.world_size > 1:
+        # FSDP allocates the gathered weights in the first forward, which must not be litgpt's generation (it runs
+        # in inference mode, and tensors made there cannot be written by training later)
+        with torch.no_grad():
+            model(torch.zeros(1, 1, dtype=torch.long, device=fabric.device))
+
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = fabric.setup_optimizers(instantiate_torch_optimizer(optimizer, trainable))
     scheduler = get_lr_scheduler(optimizer, warmup_steps=train.lr_warmup_steps, max_steps=lr_max_steps)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        set_optimizer_state_dict(model.module, optimizer.optimizer, state["optimizer"], options=FULL_STATE)
         scheduler.load_state_dict(state["scheduler"])
         progress = Progress(**state["progress"])
     else:
-        progress = Progress(summary={"trainable_parameters": num_parameters(model, requires_grad=True)})
+        progress = Progress(summary={"trainable_parameters": trainable_parameters})
 
     summary = progress.summary  # saved with every step checkpoint, so a resumed run keeps the "before" score
     if test_rows and "exact_match_before" not in summary:
@@ -287,6 +327,27 @@ def main(
     for logger in fabric.loggers:
         logger.finalize("success")  # flush what the logger still buffers
     fabric.barrier()
+
+
+def checkpoint_each_block(model: GPT) -> None:
+    """Activation checkpointing per transformer block (the RNG state is kept, so dropout recomputes the same)."""
+    model.transformer.h = torch.nn.ModuleList(checkpoint_wrapper(block) for block in model.transformer.h)
+
+
+def parallelize(model: GPT, device_mesh: DeviceMesh, activation_checkpointing: bool) -> GPT:
+    """FSDP2 for Fabric's ``ModelParallelStrategy``: one shard group per transformer block, one for the rest.
+
+    The ETHER vectors are sharded with the frozen weights of their block and gathered with them for each forward.
+    """
+    if activation_checkpointing:
+        checkpoint_each_block(model)
+    mesh = device_mesh["data_parallel"]
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    # the root too gives its gathered weights back after each forward: after a forward without backward (validation,
+    # generation) it would otherwise stay gathered, and the optimizer and the checkpoints see the shards only
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    return model
 
 
 def format_summary(summary: dict) -> str:
@@ -426,7 +487,7 @@ def fit(
     running_loss = RunningMean(window=accumulation, sync_on_compute=False).to(fabric.device)
     max_steps = train.max_steps or float("inf")
     max_time = train.max_time or float("inf")
-    token_counts = progress.token_counts
+    counts = dict.fromkeys(progress.token_counts, 0)  # this process's, since it started
     total_t0 = time.perf_counter()
     step_loss = torch.zeros((), device=fabric.device)  # the sum of this step's losses: non-finite if any is
 
@@ -458,11 +519,9 @@ def fit(
             scheduler.step()
             progress.step += 1
 
-        token_counts["raw_tokens"] += batch["token_counts"]["raw"].sum().item()
-        token_counts["raw_tokens_plus_prompt_template"] += (
-            batch["token_counts"]["raw_plus_prompt_template"].sum().item()
-        )
-        token_counts["raw_tokens_plus_prompt_template_and_padding"] += input_ids.numel()
+        counts["raw_tokens"] += batch["token_counts"]["raw"].sum().item()
+        counts["raw_tokens_plus_prompt_template"] += batch["token_counts"]["raw_plus_prompt_template"].sum().item()
+        counts["raw_tokens_plus_prompt_template_and_padding"] += input_ids.numel()
         progress.total_lengths += input_ids.numel()
 
         if iter_num % train.log_interval == 0:
@@ -481,7 +540,7 @@ def fit(
                 "step": progress.step,
                 "epoch": train_iterator.epoch,
                 "iter_time": t1 - iter_t0,
-                "tokens": token_counts["raw_tokens_plus_prompt_template"],
+                "tokens": counts["raw_tokens_plus_prompt_template"],
                 "learning_rate": scheduler.get_last_lr()[0],
             }
             fabric.print(
@@ -494,8 +553,7 @@ def fit(
         if not is_accumulating and progress.step % eval.interval == 0:
             t0 = time.perf_counter()
             val = validate(fabric, model, val_dataloader, eval)
-            if fabric.global_rank == 0:
-                generate_example(fabric, model, tokenizer, eval, data)
+            sample_example(fabric, model, tokenizer, eval, data, seed=iter_num)
             val = fabric.all_reduce(val.to(fabric.device), reduce_op="mean")
             progress.val_loss = f"{val.item():.3f}"
             fabric.print(
@@ -505,14 +563,32 @@ def fit(
 
         if train.save_interval is not None and not is_accumulating and progress.step % train.save_interval == 0:
             seconds = progress.seconds + time.perf_counter() - total_t0
-            state = training_state(dataclasses.replace(progress, seconds=seconds), optimizer, scheduler, run or {})
+            totals = total_counts(fabric, progress.token_counts, counts)
+            now = dataclasses.replace(progress, seconds=seconds, token_counts=totals)
+            state = training_state(now, model, optimizer, scheduler, run or {})
             save_dir = out_dir / f"step-{progress.step:06d}"
             save_checkpoint(fabric, model, model.config, checkpoint_dir, save_dir, data, state)
 
     progress.seconds += time.perf_counter() - total_t0
-    progress.token_counts = {k: int(fabric.all_reduce(torch.tensor(v, device=fabric.device), reduce_op="sum").item())
-                             for k, v in token_counts.items()}  # fmt: skip
+    progress.token_counts = total_counts(fabric, progress.token_counts, counts)
     return progress
+
+
+def total_counts(fabric: L.Fabric, before: dict[str, int], counts: dict[str, int]) -> dict[str, int]:
+    """The run's token counts: earlier processes' plus this one's, summed over ranks (every rank must call it)."""
+    return {k: before[k] + int(fabric.all_reduce(torch.tensor(v, device=fabric.device), reduce_op="sum").item())
+            for k, v in counts.items()}  # fmt: skip
+
+
+@torch.no_grad()
+def sample_example(
+    fabric: L.Fabric, model: GPT, tokenizer: Tokenizer, eval: EvalArgs, data: DataModule, seed: int
+) -> None:
+    """litgpt's ``generate_example`` on every process (FSDP needs all of them in each forward), sampling from a
+    forked RNG seeded alike everywhere: every process draws the same tokens, and training's RNG is untouched."""
+    with torch.random.fork_rng(devices=[fabric.device] if fabric.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        generate_example(fabric, model, tokenizer, eval, data)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -531,10 +607,11 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def training_state(progress: Progress, optimizer: torch.optim.Optimizer, scheduler: Any, run: dict) -> dict:
+def training_state(progress: Progress, model: Any, optimizer: Any, scheduler: Any, run: dict) -> dict:
+    """Everything to resume from besides the adapter; the optimizer state is gathered whole (a collective)."""
     return {
         "progress": dataclasses.asdict(progress),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": get_optimizer_state_dict(model.module, optimizer.optimizer, options=FULL_STATE),
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
         "run": run,
@@ -626,9 +703,9 @@ def save_checkpoint(
 
     Written under a temporary name and renamed into place once complete, so a kill never leaves half a checkpoint.
     """
+    state = {k: v.detach().cpu() for k, v in ether_state_dict(model).items()}  # FSDP: gathered on every rank
     if fabric.global_rank == 0:
         with staged_dir(save_dir) as tmp:
-            state = {k: v.detach().cpu() for k, v in ether_state_dict(model).items()}
             save_adapter(tmp / ADAPTER_FILE, state, config)
             copy_config_files(checkpoint_dir, tmp)
             save_hyperparameters(setup, tmp, known_commands=["finetune"])

@@ -18,10 +18,9 @@ import torch
 from litgpt.generate.base import generate_fn
 from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style
 from litgpt.tokenizer import Tokenizer
-from litgpt.utils import get_default_supported_precision
 
 from litgpt_ether.checkpoint import load_model, resolve
-from litgpt_ether.checks import InferenceQuantize, check_quantize
+from litgpt_ether.checks import InferenceQuantize, quantization
 from litgpt_ether.ether import ConfigError
 
 
@@ -70,12 +69,15 @@ def check_fits(prompt_length: int, max_new_tokens: int, block_size: int) -> None
 
 
 def load_for_inference(
-    checkpoint_dir: Path, base_checkpoint_dir: Path | None = None, precision: str | None = None
+    checkpoint_dir: Path,
+    base_checkpoint_dir: Path | None = None,
+    precision: str | None = None,
+    quantize: str | None = None,
 ) -> Inference:
     """Resolve ``checkpoint_dir``, load model, tokenizer and prompt style, and set the model up on one device."""
+    precision, plugins = quantization(quantize, precision, training=False)
     resolved = resolve(checkpoint_dir, base_checkpoint_dir)
-    precision = precision or get_default_supported_precision(training=False)
-    fabric = L.Fabric(devices=1, precision=precision)
+    fabric = L.Fabric(devices=1, precision=precision, plugins=plugins)
 
     tokenizer = Tokenizer(resolved.files_dir)
     t0 = time.perf_counter()
@@ -138,13 +140,12 @@ def main(
             (greedy decoding).
         precision: Fabric precision ("bf16-true", "16-true", "32-true", ...). Defaults to the best the device
             supports, as litgpt does.
-        quantize: Quantize the weights with bitsandbytes (litgpt's choices). Not implemented yet: an error.
+        quantize: Quantize the weights with bitsandbytes (litgpt's choices; needs CUDA).
         seed: The random seed for sampling.
     """
     print(pformat(locals()), file=sys.stderr)
     check_sampling_args(max_new_tokens, top_k, top_p)
-    check_quantize(quantize, training=False)
-    inference = load_for_inference(checkpoint_dir, base_checkpoint_dir, precision)
+    inference = load_for_inference(checkpoint_dir, base_checkpoint_dir, precision, quantize)
     fabric, model, tokenizer = inference.fabric, inference.model, inference.tokenizer
 
     styled = inference.prompt_style.apply(prompt, sys_prompt=sys_prompt, input=input)

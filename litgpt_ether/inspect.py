@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from litgpt_ether.checkpoint import ADAPTER_FILE, load_model, resolve
 from litgpt_ether.ether import ConfigError, ETHERLayer, ETHERQKVLinear, Reflection, ether_layers
@@ -70,17 +69,6 @@ def hyperspherical_energy(weight: torch.Tensor, chunk_elements: int = 2**22) -> 
     return total
 
 
-@torch.no_grad()
-def merged_fp32(layer: ETHERLayer) -> torch.Tensor:
-    """``layer.merged_weight()`` kept in fp32: casting back to a bf16 base would blur small changes."""
-    weight = layer.weight
-    layer.weight = nn.Parameter(weight.float(), requires_grad=False)
-    try:
-        return layer.merged_weight()
-    finally:
-        layer.weight = weight
-
-
 def segments(layer: ETHERLayer) -> Iterator[tuple[str | None, slice, Reflection | None, Reflection | None]]:
     """``(segment, rows of W, input reflection, output reflection)``: the whole layer, or each targeted q/k/v."""
     if not isinstance(layer, ETHERQKVLinear):
@@ -93,7 +81,10 @@ def segments(layer: ETHERLayer) -> Iterator[tuple[str | None, slice, Reflection 
 
 @torch.no_grad()
 def inspect_layer(name: str, layer: ETHERLayer) -> list[LayerReport]:
-    weight, merged = layer.weight.float(), merged_fp32(layer)
+    weight, merged = (
+        layer.weight.float(),
+        layer.merged_weight(torch.float32),
+    )  # fp32: a bf16 cast would blur small changes
     reports = []
     for segment, rows, h_in, h_out in segments(layer):
         w, w_new = weight[rows], merged[rows]

@@ -16,6 +16,7 @@ Every variant targets q and v only (the paper's instruction-tuning setup). Three
 
       python scripts/benchmark.py time --model Llama-2-7b-hf --micro_batch_size 4 --seq_len 512
       python scripts/benchmark.py time --model pythia-14m --device cpu --steps 2 --json   # CPU smoke test, fp32
+      python scripts/benchmark.py time --quantize bnb.nf4 --variants lora-r8 ether-n32 etherplus-n32  # vs QLoRA
 
 - ``generate``: greedy-decoding tokens/s of the base model and of the same model after a two-sided ETHER+
   adapter (random vectors) has been merged with ``merge_ether``; the two should match::
@@ -41,7 +42,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import litgpt.lora
@@ -356,12 +357,21 @@ def resolve_device(device: str) -> tuple[torch.device, torch.dtype]:
 
 
 @contextmanager
-def materialize_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    """Build directly on ``device`` in ``dtype`` with random weights: no fp32 copy of a 7B model ever exists."""
+def materialize_on(device: torch.device, dtype: torch.dtype, quantize: str | None = None) -> Iterator[None]:
+    """Build directly on ``device`` in ``dtype`` with random weights: no fp32 copy of a 7B model ever exists.
+
+    With ``quantize`` every ``nn.Linear`` is built as Fabric's bitsandbytes layer (what ``finetune --quantize`` and
+    litgpt's QLoRA do), quantized as it is made on CUDA.
+    """
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
+    quantized = nullcontext()
+    if quantize is not None:
+        from lightning.fabric.plugins import BitsandbytesPrecision
+
+        quantized = BitsandbytesPrecision(quantize.removeprefix("bnb."), dtype).module_init_context()
     try:
-        with torch.device(device):
+        with torch.device(device), quantized:
             yield
     finally:
         torch.set_default_dtype(previous)
@@ -381,15 +391,20 @@ def time_variant(
     seq_len: int,
     steps: int,
     warmup: int,
+    quantize: str | None = None,
 ) -> dict[str, Any] | None:
     """Median step time, peak memory and trainable parameters of one variant; None if skipped."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
-    with materialize_on(device, dtype):
+    if quantize is not None and variant.startswith("reference-"):
+        note(f"skipping {variant}: the weight-side form multiplies into the weight, which a quantized layer hides")
+        return None
+    with materialize_on(device, dtype, quantize):
         gpt = build(variant, model)
     if gpt is None:
         return None
+    gpt = gpt.to(device)  # quantizes bitsandbytes layers not quantized yet (built off CUDA): a no-op otherwise
     gpt.max_seq_length = seq_len
     gpt.train()
     params = [p for p in gpt.parameters() if p.requires_grad]
@@ -436,6 +451,7 @@ def time_cmd(
     variants: list[str] | None = None,
     json: bool = False,
     device: str = "cuda",
+    quantize: str | None = None,
 ) -> list[dict[str, Any]]:
     """Time training steps of each variant: bf16-true on a GPU, random weights, AdamW (lr 1e-3).
 
@@ -448,14 +464,18 @@ def time_cmd(
         variants: A subset of the variants (default: all).
         json: Print one JSON object per line instead of a table.
         device: "cuda" (bf16-true) or "cpu" (fp32, a smoke test for tiny configs; no peak memory).
+        quantize: Quantize every base linear with bitsandbytes ("bnb.nf4", ...): ``lora-r8`` is then litgpt's QLoRA.
+            The reference variants are skipped.
     """
     dev, dtype = resolve_device(device)
+    if quantize is not None and quantize.startswith("bnb.int8"):
+        dtype = torch.float16  # bitsandbytes' int8 layers compute in float16 only
     results = []
     for variant in select(variants):
         free_memory(dev)  # the previous variant's model and optimizer are gone with time_variant's frame
         note(f"timing {variant} ...")
         try:
-            r = time_variant(variant, model, dev, dtype, micro_batch_size, seq_len, steps, warmup)
+            r = time_variant(variant, model, dev, dtype, micro_batch_size, seq_len, steps, warmup, quantize)
         except torch.OutOfMemoryError:
             note(f"{variant}: out of memory")
             r = {"variant": variant, "step_ms": None, "peak_mem_gib": None, "trainable_params": None, "oom": True}
@@ -468,7 +488,8 @@ def time_cmd(
             print(jsonlib.dumps(r), flush=True)
         return results
     where = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU (fp32)"
-    print(f"{model}, micro-batch {micro_batch_size} x {seq_len} tokens, {where}: median of {steps} steps")
+    base = f", base weights {quantize}" if quantize else ""
+    print(f"{model}{base}, micro-batch {micro_batch_size} x {seq_len} tokens, {where}: median of {steps} steps")
     print(f"{'variant':24s} {'step ms':>9s} {'/ lora-r8':>10s} {'/ frozen':>9s} {'peak GiB':>9s} {'trainable':>12s}")
     for r in results:
         trainable = "-" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
@@ -589,6 +610,11 @@ def parser() -> argparse.ArgumentParser:
         if name == "time":
             sp.add_argument("--steps", type=int, default=default("steps"), help="timed steps (median reported)")
             sp.add_argument("--warmup", type=int, default=default("warmup"), help="untimed steps first")
+            sp.add_argument(
+                "--quantize",
+                choices=["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8-training"],
+                help="quantize the base weights (lora-r8 becomes QLoRA)",
+            )
         if name == "generate":
             sp.add_argument("--prompt_len", type=int, default=default("prompt_len"))
             sp.add_argument("--new_tokens", type=int, default=default("new_tokens"))

@@ -182,7 +182,7 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(
         assert all(torch.isfinite(v).all() for v in state.values())
 
 
-# 11. --quantize: accepted, but nothing quantizes yet
+# 11. --quantize: needs CUDA, one device and a "-true" precision (test_quantize.py trains with it)
 
 
 @pytest.mark.parametrize("verb", ["finetune", "generate", "chat", "evaluate"])
@@ -202,14 +202,41 @@ def test_quantize_without_cuda_is_one_line(checkpoint_dir, dataset_path, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("verb, what", [("finetune", "training"), ("generate", "inference")])
-def test_quantize_with_cuda_is_not_silently_ignored(checkpoint_dir, dataset_path, tmp_path, monkeypatch, verb, what):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # checked first: nothing else touches CUDA
+@pytest.mark.parametrize(
+    "verb, flags, cuda_devices, message",
+    [
+        ("finetune", ["--precision", "bf16-mixed"], 1,
+         "--quantize bnb.nf4 needs --precision 16-true, bf16-true or 32-true (not mixed), got 'bf16-mixed'"),
+        ("finetune", ["--devices", "2"], 2,
+         "--quantize bnb.nf4 trains on one device only, got 2: FSDP does not shard quantized weights"),
+        ("finetune", ["--accelerator", "cpu"], 1, "--quantize bnb.nf4 needs a CUDA device; it cannot run on 'cpu'"),
+        ("evaluate", ["--device", "cpu"], 1, "--quantize bnb.nf4 needs a CUDA device; it cannot run on 'cpu'"),
+        ("generate", ["--precision", "16-mixed"], 1,
+         "--quantize bnb.nf4 needs --precision 16-true, bf16-true or 32-true (not mixed), got '16-mixed'"),
+    ],
+)  # fmt: skip
+def test_quantize_settings_bitsandbytes_cannot_run_are_one_line(
+    checkpoint_dir, dataset_path, tmp_path, monkeypatch, verb, flags, cuda_devices, message
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # checked before anything touches CUDA
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    if verb == "evaluate":
+        pytest.importorskip("lm_eval", reason="the eval extra installs lm-eval")
     args = {
-        "finetune": finetune_args(checkpoint_dir, dataset_path, tmp_path / "out", "--quantize", "bnb.nf4-dq"),
-        "generate": ["generate", str(checkpoint_dir), "--quantize", "bnb.nf4-dq"],
-    }[verb]
-    one_line_error(run_main(*args), f"--quantize bnb.nf4-dq: quantized {what} is not implemented yet")
+        "finetune": finetune_args(checkpoint_dir, dataset_path, tmp_path / "out", "--quantize", "bnb.nf4", *flags),
+        "generate": ["generate", str(checkpoint_dir), "--quantize", "bnb.nf4", *flags],
+        "evaluate": ["evaluate", str(checkpoint_dir), "--tasks", "arc_easy", "--quantize", "bnb.nf4", "--out_dir",
+                     str(tmp_path / "out"), *flags],
+    }[verb]  # fmt: skip
+    one_line_error(run_main(*args), message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_int8_training_needs_float16(checkpoint_dir, dataset_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = finetune_args(checkpoint_dir, dataset_path, tmp_path / "out", "--quantize", "bnb.int8-training",
+                         "--precision", "bf16-true")  # fmt: skip
+    one_line_error(run_main(*args), "--quantize bnb.int8-training needs --precision 16-true, got 'bf16-true'")
 
 
 def test_quantize_outside_litgpts_choices_is_one_line(checkpoint_dir):

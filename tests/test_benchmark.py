@@ -174,3 +174,19 @@ def test_generate_cpu(capsys):
     # the merged model is a plain litgpt model again: no ETHER layer, not one parameter more
     assert row["merged_ether_layers"] == 0
     assert row["merged_params"] == row["base_params"]
+
+
+def test_time_cpu_quantized(capsys):
+    """``--quantize``: lora-r8 becomes QLoRA; the reference variants, which need the weight itself, are skipped."""
+    pytest.importorskip("bitsandbytes", reason="the quant extra installs bitsandbytes")
+    rows = run_json(capsys, "time", "--model", "pythia-14m", "--device", "cpu", "--seq_len", "16", "--steps", "1",
+                    "--warmup", "0", "--json", "--quantize", "bnb.nf4", "--variants", *TIME_VARIANTS)  # fmt: skip
+    assert [r["variant"] for r in rows] == ["frozen", "lora-r8", "ether-n4", "etherplus-n4"]
+    assert all(r["step_ms"] > 0 for r in rows)
+    # what was timed: every base linear is a quantized bitsandbytes layer (4-bit storage), the adapters are not
+    with benchmark.materialize_on(torch.device("cpu"), torch.float32, "bnb.nf4"):
+        model = benchmark.build("etherplus-n4", "pythia-14m")
+    model = model.to("cpu")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.uint8 for m in linears)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)

@@ -115,9 +115,10 @@ def test_greedy_generation_equals_direct_decoding_and_stops_at_until_and_eos(mer
     full = [direct_greedy(model, tokenizer, prompt, 6) for prompt in GEN_PROMPTS]
     # a stop string inside a greedy text, past its first word: the text must be cut there, not emptied
     stop = next(words[1] for words in map(str.split, full) if len(words) > 1 and words[1] != words[0])
-    # the random-weight model never ends a text itself: call a word it does generate the end of text
+    # the random-weight model never ends a text itself: call a word it does generate (not first) the end of text
     eos_tokenizer = copy.copy(tokenizer)
-    eos_tokenizer.eos_id = tokenizer.token_to_id("Below")
+    eos_tokenizer.eos_id = next(token for words in map(str.split, full) for w in words[1:]
+                                if (token := tokenizer.processor.token_to_id(w)) is not None)  # fmt: skip
     ended = [direct_greedy(model, eos_tokenizer, prompt, 6) for prompt in GEN_PROMPTS]
     assert ended != full
     for batch_size in (1, 3):  # 3: the two Alpaca prompts have the same length and share a batch

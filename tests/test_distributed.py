@@ -1,0 +1,91 @@
+"""FSDP across processes: two CPU processes (gloo) train to the adapter of one process with the same global batch.
+
+Fabric's ModelParallelStrategy runs FSDP2 on the CPU, so this is the real multi-process path (sharding, the
+gather of the ETHER tensors and of the optimizer state for saving, activation checkpointing), minus CUDA.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import finetune_args, run_cli, run_main
+from make_tiny import sample_pairs
+
+from litgpt_ether.checkpoint import ADAPTER_FILE, load_adapter
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+# One epoch is one step (8 samples, global batch 8, micro-batch 1): whatever order each process draws its
+# share in, every step sees the same samples with one process or two. Evaluation, sampling and the held-out
+# exact match all run mid-training, as every process must join each forward of a sharded model.
+RUN = ("--accelerator", "cpu", "--train.max_steps", "4", "--train.epochs", "10", "--train.global_batch_size", "8",
+       "--train.micro_batch_size", "1", "--train.save_interval", "2", "--eval.interval", "2",
+       "--data.val_split_fraction", "null")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fsdp-data")
+    rows = sample_pairs(14, seed=3)
+    (root / "train.json").write_text(json.dumps(rows[:8]))
+    (root / "val.json").write_text(json.dumps(rows[8:12]))
+    (root / "test.json").write_text(json.dumps(rows[12:]))
+    return root
+
+
+def args(checkpoint_dir: Path, data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
+    return [*finetune_args(checkpoint_dir, data_dir, out_dir, *RUN, "--test_data", str(data_dir / "test.json")),
+            *extra]  # fmt: skip
+
+
+def adapter(path: Path) -> dict[str, torch.Tensor]:
+    return load_adapter(path / ADAPTER_FILE)[0]
+
+
+def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
+
+
+@pytest.fixture(scope="module")
+def single(checkpoint_dir, data_dir, tmp_path_factory) -> Path:
+    out_dir = tmp_path_factory.mktemp("fsdp") / "single"
+    result = run_main(*args(checkpoint_dir, data_dir, out_dir, "--devices", "1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def two(checkpoint_dir, data_dir, tmp_path_factory) -> tuple[Path, str]:
+    out_dir = tmp_path_factory.mktemp("fsdp") / "two"
+    result = run_cli(*args(checkpoint_dir, data_dir, out_dir, "--devices", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out_dir, result.stdout + result.stderr
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(single, two):
+    out_dir, log = two
+    assert "Starting with 2 processes" in log
+    assert "gloo" in log
+    start = adapter(single / "step-000002")  # the adapter has moved: an equal one is not an untrained one
+    assert any(not torch.allclose(start[k], adapter(single / "final")[k]) for k in start)
+    for name in ("step-000002", "step-000004", "final"):
+        assert_same_adapter(adapter(out_dir / name), adapter(single / name))
+    summaries = [json.loads((d / "final" / "summary.json").read_text()) for d in (single, out_dir)]
+    assert summaries[0]["exact_match_after"] == summaries[1]["exact_match_after"]
+    assert summaries[0]["trainable_parameters"] == summaries[1]["trainable_parameters"]
+
+
+def test_two_processes_resume_from_a_step_checkpoint(checkpoint_dir, data_dir, two, tmp_path):
+    """The optimizer state was saved gathered from the shards; loaded back into shards it continues the run."""
+    out_dir, _ = two
+    resumed = tmp_path / "resumed"
+    step = resumed / "step-000002"
+    step.parent.mkdir()
+    step.symlink_to(out_dir / "step-000002", target_is_directory=True)
+    result = run_cli(*args(checkpoint_dir, data_dir, resumed, "--devices", "2", "--resume", str(step)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming at step 2" in result.stdout + result.stderr
+    assert_same_adapter(adapter(resumed / "final"), adapter(out_dir / "final"))
