@@ -90,6 +90,8 @@ from litgpt_ether.ether import (
     mark_only_ether_as_trainable,
 )
 
+# what Fabric's ModelParallelStrategy (FSDP2) runs with
+FSDP_PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-true")
 # optimizer state saved whole (FSDP shards gathered) and loaded from whole tensors: one format for any world size
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -181,6 +183,9 @@ def setup(
     devices = check_devices(accelerator, devices)
     world_size = devices * num_nodes
     precision, plugins = quantization(quantize, precision, True, accelerator, world_size)
+    if world_size > 1 and precision not in FSDP_PRECISIONS:
+        raise ConfigError(f"--precision {precision} does not work with FSDP (more than one device): use one of"
+                          f" {', '.join(FSDP_PRECISIONS)}")  # fmt: skip
     if activation_checkpointing is None:
         activation_checkpointing = world_size > 1
     check_checkpoint_dir(checkpoint_dir)

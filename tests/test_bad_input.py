@@ -232,6 +232,13 @@ def test_quantize_settings_bitsandbytes_cannot_run_are_one_line(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_precision_fsdp_cannot_run_is_one_line(checkpoint_dir, dataset_path, tmp_path):
+    args = finetune_args(checkpoint_dir, dataset_path, tmp_path / "out", "--accelerator", "cpu", "--devices", "2",
+                         "--precision", "16-mixed")  # fmt: skip
+    one_line_error(run_main(*args), "--precision 16-mixed does not work with FSDP (more than one device)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_int8_training_needs_float16(checkpoint_dir, dataset_path, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     args = finetune_args(checkpoint_dir, dataset_path, tmp_path / "out", "--quantize", "bnb.int8-training",

@@ -5,6 +5,7 @@ gather of the ETHER tensors and of the optimizer state for saving, activation ch
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,13 @@ def adapter(path: Path) -> dict[str, torch.Tensor]:
     return load_adapter(path / ADAPTER_FILE)[0]
 
 
+def token_counts(log: str) -> list[int]:
+    """The run's token counts from litgpt's performance report: raw, with prompt, with padding."""
+    return [
+        int(n) for n in re.findall(r"\| - (?:Input Tokens|Tokens w/ Prompt|Total Tokens \(w/ Padding\)) *: *(\d+)", log)
+    ]
+
+
 def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for key in a:
@@ -50,11 +58,11 @@ def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 @pytest.fixture(scope="module")
-def single(checkpoint_dir, data_dir, tmp_path_factory) -> Path:
+def single(checkpoint_dir, data_dir, tmp_path_factory) -> tuple[Path, str]:
     out_dir = tmp_path_factory.mktemp("fsdp") / "single"
     result = run_main(*args(checkpoint_dir, data_dir, out_dir, "--devices", "1"))
     assert result.returncode == 0, result.stderr[-3000:]
-    return out_dir
+    return out_dir, result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +74,7 @@ def two(checkpoint_dir, data_dir, tmp_path_factory) -> tuple[Path, str]:
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(single, two):
+    single, single_log = single
     out_dir, log = two
     assert "Starting with 2 processes" in log
     assert "gloo" in log
@@ -76,11 +85,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(single, two)
     summaries = [json.loads((d / "final" / "summary.json").read_text()) for d in (single, out_dir)]
     assert summaries[0]["exact_match_after"] == summaries[1]["exact_match_after"]
     assert summaries[0]["trainable_parameters"] == summaries[1]["trainable_parameters"]
+    counts = token_counts(single_log)  # summed over both processes: the same tokens as one process saw
+    assert len(counts) == 3 and counts[0] > 0
+    assert token_counts(log) == counts
 
 
 def test_two_processes_resume_from_a_step_checkpoint(checkpoint_dir, data_dir, two, tmp_path):
     """The optimizer state was saved gathered from the shards; loaded back into shards it continues the run."""
-    out_dir, _ = two
+    out_dir, log = two
     resumed = tmp_path / "resumed"
     step = resumed / "step-000002"
     step.parent.mkdir()
@@ -89,3 +101,5 @@ def test_two_processes_resume_from_a_step_checkpoint(checkpoint_dir, data_dir, t
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resuming at step 2" in result.stdout + result.stderr
     assert_same_adapter(adapter(resumed / "final"), adapter(out_dir / "final"))
+    # the saved counts are the run's (both processes), restored once: the whole run's tokens, not more
+    assert token_counts(result.stdout + result.stderr) == token_counts(log)
