@@ -487,9 +487,10 @@ def ether_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             if ether_filter(k, v)}  # fmt: skip
 
 
-def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> Any:
-    """``model.load_state_dict(state_dict, strict=False)`` for a whole or an FSDP-sharded model: every process
-    passes the whole tensors and keeps its own shard of each. Returns the missing and unexpected keys."""
+def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], assign: bool = False) -> Any:
+    """``model.load_state_dict(state_dict, strict=False, assign=assign)`` for a whole or an FSDP-sharded model:
+    every process passes the whole tensors and keeps its own shard of each. Returns the missing and unexpected
+    keys."""
     targets = model.state_dict()
     local = {}
     for key, value in state_dict.items():
@@ -498,7 +499,7 @@ def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> Any:
             value = value.to(device=target.device, dtype=target.dtype)
             value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
         local[key] = value
-    return model.load_state_dict(local, strict=False)
+    return model.load_state_dict(local, strict=False, assign=assign)
 
 
 def initial_ether_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
@@ -527,10 +528,7 @@ def load_base_checkpoint(model: nn.Module, checkpoint_path: Path, assign: bool =
     """
     state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
     state_dict = state_dict.get("model", state_dict)
-    if assign:
-        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
-    else:
-        missing, unexpected = load_state(model, state_dict)
+    missing, unexpected = load_state(model, state_dict, assign=assign)
     missing = [k for k in missing if not ether_filter(k, None)]
     if missing or unexpected:
         raise ConfigError(

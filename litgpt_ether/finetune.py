@@ -63,6 +63,7 @@ from litgpt_ether.checkpoint import (
     ADAPTER_FILE,
     TRAINING_STATE_FILE,
     Resolved,
+    check_adapter_fits,
     check_checkpoint_dir,
     load_adapter,
     merge_adapter,
@@ -82,7 +83,6 @@ from litgpt_ether.ether import (
     GPT,
     Config,
     ConfigError,
-    ether_filter,
     ether_state_dict,
     initial_ether_state,
     load_base_checkpoint,
@@ -277,16 +277,17 @@ def main(
            "global_batch_size": train.global_batch_size, "micro_batch_size": train.micro_batch_size,
            "max_seq_length": train.max_seq_length}  # fmt: skip
     state = load_training_state(resume_dir, run) if resume_dir is not None else None
-    # the same starting adapter on any device and number of processes, drawn from the seed alone
-    adapter = load_adapter(resume_dir / ADAPTER_FILE)[0] if state is not None else initial_ether_state(model, seed)
+    if state is not None:
+        adapter = load_adapter(resume_dir / ADAPTER_FILE)[0]
+        check_adapter_fits(model, adapter, Resolved(resume_dir, checkpoint_dir, resume_dir / ADAPTER_FILE))
+    else:  # the same starting adapter on any device and number of processes, drawn from the seed alone
+        adapter = initial_ether_state(model, seed)
 
     if checkpoint_blocks:  # with FSDP, ``parallelize`` does it
         checkpoint_each_block(model)
     model = fabric.setup_module(model)
     load_base_checkpoint(model, checkpoint_dir / "lit_model.pth")
-    missing, unexpected = load_state(model, adapter)
-    if [k for k in missing if ether_filter(k, None)] or unexpected:
-        raise ConfigError(f"the adapter in {str(resume_dir)!r} does not fit the model (missing or unexpected tensors)")
+    load_state(model, adapter)
     if fabric.world_size > 1:
         # FSDP allocates the gathered weights in the first forward, which must not be litgpt's generation (it runs
         # in inference mode, and tensors made there cannot be written by training later)

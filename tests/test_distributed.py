@@ -57,20 +57,22 @@ def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
 
 
-@pytest.fixture(scope="module")
-def single(checkpoint_dir, data_dir, tmp_path_factory) -> tuple[Path, str]:
-    out_dir = tmp_path_factory.mktemp("fsdp") / "single"
-    result = run_main(*args(checkpoint_dir, data_dir, out_dir, "--devices", "1"))
+def train(run, out_dir: Path, checkpoint_dir: Path, data_dir: Path, devices: int) -> tuple[Path, str]:
+    """A finetune run through ``run`` (``run_main`` or ``run_cli``): its out_dir and everything it printed."""
+    result = run(*args(checkpoint_dir, data_dir, out_dir, "--devices", str(devices)))
     assert result.returncode == 0, result.stderr[-3000:]
     return out_dir, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def single(checkpoint_dir, data_dir, tmp_path_factory) -> tuple[Path, str]:
+    return train(run_main, tmp_path_factory.mktemp("fsdp") / "single", checkpoint_dir, data_dir, devices=1)
 
 
 @pytest.fixture(scope="module")
 def two(checkpoint_dir, data_dir, tmp_path_factory) -> tuple[Path, str]:
-    out_dir = tmp_path_factory.mktemp("fsdp") / "two"
-    result = run_cli(*args(checkpoint_dir, data_dir, out_dir, "--devices", "2"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out_dir, result.stdout + result.stderr
+    # a fresh process: Fabric's launcher starts the second process by running the same command again
+    return train(run_cli, tmp_path_factory.mktemp("fsdp") / "two", checkpoint_dir, data_dir, devices=2)
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(single, two):
