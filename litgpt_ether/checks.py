@@ -6,6 +6,7 @@ written.
 
 import importlib
 import inspect
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,19 @@ InferenceQuantize = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "b
 Accelerator = Literal["auto", "cpu", "cuda", "gpu", "mps"]
 
 
+def require_extra(module: str, extra: str, what: str) -> None:
+    """Refuse, in one line naming the extra to install, a feature whose optional dependency is missing.
+
+    The base install runs every verb; lm-eval (``eval``) and bitsandbytes (``quant``) are extras, and a user who
+    asks for them without the extra gets the install command, not an ``ImportError`` traceback.
+    """
+    if find_spec(module) is None:
+        raise ConfigError(
+            f"{what} needs the {extra!r} extra ({module} is not installed): pip install -e '.[{extra}]'"
+            " in your litgpt-ether clone"
+        )
+
+
 def quantization(
     quantize: str | None, precision: str | None, training: bool, accelerator: str = "auto", world_size: int = 1
 ) -> tuple[str | None, Any]:
@@ -33,6 +47,7 @@ def quantization(
     """
     if quantize is None:
         return precision or get_default_supported_precision(training), None
+    require_extra("bitsandbytes", "quant", f"--quantize {quantize}")
     if accelerator not in ("auto", "cuda", "gpu"):
         raise ConfigError(f"--quantize {quantize} needs a CUDA device; it cannot run on {accelerator!r}")
     if not torch.cuda.is_available():

@@ -23,7 +23,7 @@ from litgpt.utils import get_default_supported_precision
 from tqdm import tqdm
 
 from litgpt_ether.checkpoint import load_model, resolve, write_text_atomic
-from litgpt_ether.checks import InferenceQuantize, quantization
+from litgpt_ether.checks import InferenceQuantize, quantization, require_extra
 from litgpt_ether.ether import ConfigError
 
 # lm-eval is the `eval` extra: without it every other verb still works, and this one says what to install
@@ -273,8 +273,7 @@ def evaluate(
         device: The device, as lm-eval names it ("cpu", "cuda", "cuda:1"). Defaults to the best available.
         seed: The random seed for Python, NumPy, torch and the few-shot sampler.
     """
-    if not LM_EVAL_AVAILABLE:
-        raise ConfigError("evaluate needs lm-eval: pip install 'litgpt-ether[eval]'")
+    require_extra("lm_eval", "eval", "evaluate")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     fabric = setup_fabric(device, precision, quantize)

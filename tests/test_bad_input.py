@@ -185,6 +185,34 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(
 # 11. --quantize: needs CUDA, one device and a "-true" precision (test_quantize.py trains with it)
 
 
+def without_module(monkeypatch, missing: str) -> None:
+    """Make ``missing`` look uninstalled to the extras check, as on a base install without that extra."""
+    import litgpt_ether.checks
+
+    real = litgpt_ether.checks.find_spec
+    monkeypatch.setattr(litgpt_ether.checks, "find_spec", lambda name: None if name == missing else real(name))
+
+
+@pytest.mark.parametrize(
+    "verb, module, extra",
+    [("finetune", "bitsandbytes", "quant"), ("generate", "bitsandbytes", "quant"), ("chat", "bitsandbytes", "quant"),
+     ("evaluate", "lm_eval", "eval")],
+)  # fmt: skip
+def test_a_missing_extra_is_one_line_naming_it(
+    checkpoint_dir, dataset_path, tmp_path, monkeypatch, verb, module, extra
+):
+    without_module(monkeypatch, module)
+    args = {
+        "finetune": finetune_args(checkpoint_dir, dataset_path, tmp_path / "out", "--quantize", "bnb.nf4"),
+        "generate": ["generate", str(checkpoint_dir), "--quantize", "bnb.nf4"],
+        "chat": ["chat", str(checkpoint_dir), "--quantize", "bnb.nf4"],
+        "evaluate": ["evaluate", str(checkpoint_dir), "--tasks", "x", "--out_dir", str(tmp_path / "out")],
+    }[verb]
+    line = one_line_error(run_main(*args), f"needs the '{extra}' extra ({module} is not installed)")
+    assert line.endswith(f"pip install -e '.[{extra}]' in your litgpt-ether clone")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("verb", ["finetune", "generate", "chat", "evaluate"])
 def test_quantize_without_cuda_is_one_line(checkpoint_dir, dataset_path, tmp_path, monkeypatch, verb):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
