@@ -1,7 +1,10 @@
 """The ``litgpt_ether`` command line: one subcommand per verb, parsed by jsonargparse as litgpt does."""
 
+import inspect
 import os
+import re
 import sys
+import typing
 import warnings
 from argparse import ArgumentError
 
@@ -11,7 +14,7 @@ from jsonargparse import ArgumentParser
 from litgpt.utils import CLI
 
 from litgpt_ether.chat import main as chat_fn
-from litgpt_ether.ether import ConfigError
+from litgpt_ether.checks import ConfigError
 from litgpt_ether.evaluate import evaluate as evaluate_fn
 from litgpt_ether.finetune import NonFiniteLossError
 from litgpt_ether.finetune import setup as finetune_fn
@@ -43,7 +46,7 @@ class Parser(ArgumentParser):
         except ConfigError:
             raise
         except (ValueError, TypeError, OSError) as err:
-            raise ConfigError(str(err)) from err
+            raise ConfigError(explain(str(err), [])) from err
 
 
 def debug() -> bool:
@@ -70,6 +73,53 @@ def reset_before_whole_optimizer(args: list[str]) -> list[str]:
     return out
 
 
+def configs_first(args: list[str]) -> list[str]:
+    """Move every ``--config FILE`` of a verb to just after the verb's name, so what is typed beside it wins.
+
+    jsonargparse applies arguments in order: ``finetune /my/model --config preset.yaml`` would otherwise train the
+    preset's ``checkpoint_dir`` instead of the model typed, without a word. Config files keep their order.
+    """
+    if not args or args[0].startswith("-"):
+        return args
+    verb, rest, configs, others = args[0], args[1:], [], []
+    i = 0
+    while i < len(rest):
+        if rest[i] == "--config" and i + 1 < len(rest):
+            configs += rest[i : i + 2]
+            i += 2
+            continue
+        (configs if rest[i].startswith("--config=") else others).append(rest[i])
+        i += 1
+    return [verb, *configs, *others]
+
+
+def explain(message: str, args: list[str]) -> str:
+    """jsonargparse's message in one line a user can act on.
+
+    A value outside a ``Literal`` is "Cannot take a Union of no types": the choices are spelled out instead. A
+    value no member of a ``Union`` takes lists every member's complaint and dumps the value parsed: only the
+    complaints that are not "Expected a <class 'NoneType'>" are kept.
+    """
+    key = re.match(r'Parser key "([\w.]+)":', message.strip())
+    name = key.group(1) if key else None
+    if name and "Cannot take a Union of no types" in message and args and args[0] in COMMANDS:
+        parameter = inspect.signature(COMMANDS[args[0]]).parameters.get(name)
+        members = typing.get_args(parameter.annotation) if parameter is not None else ()  # Literal, Literal | None
+        choices = [c for m in members for c in (typing.get_args(m) or (m,)) if isinstance(c, str)]
+        if choices:
+            given = next((a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")), None)
+            given = given or next((args[i + 1] for i, a in enumerate(args[:-1]) if a == f"--{name}"), None)
+            got = f", got {given!r}" if given is not None else ""
+            return f"--{name} must be one of {', '.join(map(repr, choices))}{got}"
+    if "Does not validate against any of the Union subtypes" in message:
+        lines = [line.strip() for line in message.splitlines()]
+        errors = [line[2:] for line in lines if line.startswith("- ") and "<class 'NoneType'>" not in line]
+        given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), "")
+        got = f", got {given!r}" if given and not given.startswith("Namespace(") else ""
+        return f"{'--' + name + ': ' if name else ''}{'; '.join(errors)}{got}"
+    return " ".join(message.split())
+
+
 def _is_class_spec(value: str) -> bool:
     try:
         spec = yaml.safe_load(value)
@@ -84,14 +134,15 @@ def main() -> None:
         "ignore", message=r"The epoch parameter in `scheduler.step\(\)` was not necessary", category=UserWarning
     )
     torch.set_float32_matmul_precision("high")
-    sys.argv[1:] = reset_before_whole_optimizer(sys.argv[1:])  # in place: finetune re-parses sys.argv to save it
+    # in place: finetune re-parses sys.argv to save its hyperparameters
+    sys.argv[1:] = reset_before_whole_optimizer(configs_first(sys.argv[1:]))
     try:
         # exit_on_error=False: jsonargparse raises instead of printing its usage block and exiting
         CLI(COMMANDS, exit_on_error=False, parser_class=Parser)
     except USER_ERRORS as err:
         if debug():
             raise
-        print(f"litgpt_ether: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"litgpt_ether: error: {' '.join(explain(str(err), sys.argv[1:]).split())}", file=sys.stderr)
         sys.exit(2 if isinstance(err, ArgumentError) else 1)
 
 

@@ -13,8 +13,8 @@ import torch
 from litgpt.chat.base import interact
 from litgpt.tokenizer import Tokenizer
 
-from litgpt_ether.checks import InferenceQuantize
-from litgpt_ether.generate import PromptTooLongError, check_fits, check_sampling_args, load_for_inference
+from litgpt_ether.checks import InferenceQuantize, check_numbers
+from litgpt_ether.generate import PromptTooLongError, check_fits, load_for_inference
 
 
 class _ContextGuard:
@@ -76,7 +76,7 @@ def main(
         seed: The random seed for sampling.
     """
     print(pformat(locals()), file=sys.stderr)
-    check_sampling_args(max_new_tokens, top_k, top_p)
+    check_numbers(locals())
     inference = load_for_inference(checkpoint_dir, base_checkpoint_dir, precision, quantize)
     guarded = _ContextGuard(inference.tokenizer, max_new_tokens, inference.block_size)
 

@@ -63,7 +63,11 @@ def staged_dir(target: Path) -> Iterator[Path]:
     tmp = target.with_name(f".{target.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:  # a failed save leaves nothing behind (a killed one leaves the ``.partial``)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if target.exists():  # replacing an older save: move it aside first, as rename cannot replace a directory
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -4,8 +4,13 @@ Each raises ``ConfigError`` (one line on the command line) and runs before a mod
 written.
 """
 
+import dataclasses
 import importlib
 import inspect
+import math
+import os
+import tempfile
+from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Literal
@@ -13,9 +18,131 @@ from typing import Any, Literal
 import torch
 from litgpt.data import JSON, DataModule, SFTDataset
 from litgpt.data.json_data import load_split
+from litgpt.finetune.lora import get_longest_seq_length, validate_args
 from litgpt.utils import get_default_supported_precision
 
-from litgpt_ether.ether import ConfigError
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the CLI prints it as one line."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Numbers: every numeric argument of every verb (and of ``Config``) is checked here, by its name in the verb's
+# signature (``train.micro_batch_size`` for a field of the ``train`` dataclass, ``optimizer.lr`` for an optimizer
+# option), before anything is loaded or written.
+
+
+def _number(value: Any, integer: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    return integer or math.isfinite(value)
+
+
+def at_least(low: float, integer: bool = True) -> tuple[Callable[[Any], bool], str]:
+    kind = "an integer" if integer else "a finite number"
+    return (lambda v: _number(v, integer) and v >= low), f"{kind} >= {low:g}"
+
+
+def positive() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _number(v, False) and v > 0), "a finite number > 0"
+
+
+def within(low: float, high: float, high_open: bool = False) -> tuple[Callable[[Any], bool], str]:
+    upper = (lambda v: v < high) if high_open else (lambda v: v <= high)
+    return (lambda v: _number(v, False) and v >= low and upper(v)), f"in [{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+# The largest seed Lightning's ``seed_everything`` (and NumPy) accepts
+MAX_SEED = 2**32 - 1
+
+NUMBER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    # the model (``Config``, finetune)
+    "ether_nb": at_least(1),
+    "ether_dropout": within(0, 1, high_open=True),
+    # every verb
+    "seed": (lambda v: _number(v, True) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
+    # finetune
+    "num_nodes": at_least(1),
+    "train.save_interval": at_least(1),
+    "train.log_interval": at_least(1),
+    "train.global_batch_size": at_least(1),
+    "train.micro_batch_size": at_least(1),
+    "train.lr_warmup_steps": at_least(1),  # litgpt's warmup divides by it
+    "train.lr_warmup_fraction": within(0, 1),
+    "train.epochs": at_least(1),
+    "train.max_tokens": at_least(1),
+    "train.max_steps": at_least(1),
+    "train.max_time": positive(),
+    "train.max_seq_length": at_least(1),
+    "train.min_lr": at_least(0, integer=False),
+    "eval.interval": at_least(1),
+    "eval.max_new_tokens": at_least(1),
+    "eval.max_iters": at_least(1),
+    "optimizer.lr": positive(),
+    "optimizer.weight_decay": at_least(0, integer=False),
+    "optimizer.eps": positive(),
+    "optimizer.momentum": at_least(0, integer=False),
+    "optimizer.betas": (
+        lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(within(0, 1, high_open=True)[0](b) for b in v),
+        "two numbers in [0, 1)",
+    ),
+    # generate, chat
+    "max_new_tokens": at_least(1),
+    "num_samples": at_least(1),
+    "top_k": at_least(1),
+    "top_p": within(0, 1),
+    "temperature": at_least(0, integer=False),
+    # evaluate
+    "num_fewshot": at_least(0),
+    "batch_size": at_least(1),
+    "limit": positive(),
+}
+
+
+def check_number(name: str, value: Any) -> None:
+    """``value`` obeys the rule for ``name`` (``None`` means "not set" and always passes)."""
+    rule = NUMBER_RULES.get(name)
+    if rule is not None and value is not None and not rule[0](value):
+        raise ConfigError(f"{name} must be {rule[1]}, got {value!r}")
+
+
+def check_numbers(arguments: dict[str, Any]) -> None:
+    """Every number among a verb's arguments (its ``locals()`` on entry), dataclass fields and optimizer options
+    included, against ``NUMBER_RULES``."""
+    for name, value in arguments.items():
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for field in dataclasses.fields(value):
+                check_number(f"{name}.{field.name}", getattr(value, field.name))
+        elif name == "optimizer" and isinstance(value, dict):
+            for key, option in (value.get("init_args") or {}).items():
+                check_number(f"optimizer.{key}", option)
+        else:
+            check_number(name, value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: what a verb will write must be writable before it spends any time.
+
+
+def check_output_dir(path: Path, what: str = "out_dir") -> None:
+    """``path`` is, or can be created as, a directory this process can write into; nothing is left behind.
+
+    Tried for real (a temporary directory made and removed in the nearest existing ancestor) rather than with
+    ``os.access``, which says yes to root on a read-only file system and no to some ACLs that would allow it.
+    """
+    path = Path(path)
+    existing = path
+    while not existing.exists():
+        if existing.is_symlink():
+            raise ConfigError(f"{what} {str(path)!r}: {str(existing)!r} is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} cannot be a directory: {str(existing)!r} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".litgpt_ether-write-test-"))
+    except OSError as err:
+        raise ConfigError(f"{what} {str(path)!r} is not writable ({err.strerror}: {str(existing)!r})") from None
+
 
 # litgpt's choices: ``litgpt finetune_lora --quantize`` and ``litgpt generate --quantize``
 TrainingQuantize = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8-training"]
@@ -162,3 +289,43 @@ def check_outputs_fit(dataset: Any, max_seq_length: int | None) -> None:
         f"every training sample's prompt fills train.max_seq_length={max_seq_length} (the shortest is {shortest}"
         " tokens with the prompt style applied), so no output token would be trained; raise --train.max_seq_length"
     )
+
+
+def check_train_args(train: Any, eval: Any) -> None:
+    """litgpt's own check of the ``train`` and ``eval`` options its finetuning loop supports, as one line."""
+    try:
+        validate_args(train, eval)
+    except ValueError as err:
+        # litgpt names its own file and prints the whole dataclass: keep what the user must change
+        problems = [line.split(" This is set in ")[0].split(" ", 1)[1] for line in str(err).splitlines()]
+        raise ConfigError(f"finetune {'; '.join(problems)}") from None
+    if train.lr_warmup_steps is None:
+        raise ConfigError("train.lr_warmup_steps must be set (1 for no warmup): litgpt's schedule divides by it")
+
+
+def check_samples_fit(train_data: Any, val_data: Any, max_seq_length: int | None, block_size: int) -> int:
+    """The longest sample's length in tokens, checked to fit the model's context (or ``train.max_seq_length``,
+    which truncates every sample, to be no longer than the context).
+
+    Without this, litgpt stops in the first forward pass with "Cannot attend to N" and no word of which sample.
+    Every sample is tokenized once here; the training loop sizes the model with the result.
+    """
+    if max_seq_length is not None and max_seq_length > block_size:
+        raise ConfigError(
+            f"train.max_seq_length={max_seq_length} is longer than the model's context ({block_size} tokens)"
+        )
+    longest = 0
+    for split, dataset in (("training", train_data), ("validation", val_data)):
+        if len(dataset) == 0:
+            continue
+        length, index = get_longest_seq_length(dataset)
+        longest = max(longest, length)
+        if length > block_size and max_seq_length is None:
+            instruction = " ".join(str(dataset.data[index].get("instruction", "")).split())
+            start = instruction if len(instruction) <= 40 else instruction[:40] + " ..."
+            raise ConfigError(
+                f"sample {index} of the {split} data is {length} tokens with the prompt style applied (instruction"
+                f" {start!r}), longer than the model's context of {block_size}: pass --train.max_seq_length"
+                f" {block_size} (or less) to truncate long samples, or shorten it"
+            )
+    return longest

@@ -21,7 +21,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import litgpt.model
 import torch
@@ -31,9 +31,10 @@ from litgpt.config import Config as BaseConfig
 from torch.distributed.tensor import DTensor, distribute_tensor
 from typing_extensions import Self
 
+from litgpt_ether.checks import ConfigError, check_number
 
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the CLI prints it as one line."""
+# The methods, as ``ether_method`` (and ``finetune --ether_method``) names them
+EtherMethod = Literal["ether", "etherplus"]
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Config(BaseConfig):
         ether_*: which linears to reflect.
     """
 
-    ether_method: Literal["ether", "etherplus"] = "ether"
+    ether_method: EtherMethod = "ether"
     ether_one_sided: bool = False
     ether_nb: int = 1
     ether_flip_side: bool = False
@@ -61,6 +62,15 @@ class Config(BaseConfig):
     ether_projection: bool = False
     ether_mlp: bool = False
     ether_head: bool = False
+
+    def __post_init__(self) -> None:
+        """Refuse an unknown method and out-of-range numbers when the config is made, not when a layer is built."""
+        super().__post_init__()
+        if self.ether_method not in get_args(EtherMethod):
+            choices = ", ".join(map(repr, get_args(EtherMethod)))
+            raise ConfigError(f"ether_method must be one of {choices}, got {self.ether_method!r}")
+        check_number("ether_nb", self.ether_nb)
+        check_number("ether_dropout", self.ether_dropout)
 
     @property
     def ether_plus(self) -> bool:
@@ -439,8 +449,6 @@ def add_ether(model: litgpt.model.GPT, config: Config) -> None:
         )
     if config.ether_two_sided and config.ether_flip_side:
         raise ConfigError("ether_flip_side only applies to one-sided methods; two-sided ETHER+ reflects both sides")
-    if config.ether_nb < 1:
-        raise ConfigError(f"ether_nb must be a positive integer, got {config.ether_nb}")
     names = {id(m): n for n, m in model.named_modules()}
     for parent, child_name, kind in list(_targets(model, config)):
         linear = getattr(parent, child_name)
@@ -526,8 +534,25 @@ def load_base_checkpoint(model: nn.Module, checkpoint_path: Path, assign: bool =
     ``assign=True`` adopts the (memory-mapped) tensors instead of copying: for a model built on "meta". A sharded
     (FSDP) model keeps its shard of each tensor; a quantized one quantizes the weights as they load.
     """
-    state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
-    state_dict = state_dict.get("model", state_dict)
+    try:
+        state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise ConfigError(f"{str(checkpoint_path)!r} does not exist") from None
+    except Exception as err:  # truncated or corrupt: torch raises RuntimeError, OSError, pickle errors, ...
+        raise ConfigError(
+            f"{str(checkpoint_path)!r} is not a readable checkpoint, truncated or corrupt? ({type(err).__name__}:"
+            f" {' '.join(str(err).split())[:200]})"
+        ) from None
+    state_dict = state_dict.get("model", state_dict) if isinstance(state_dict, dict) else state_dict
+    if not isinstance(state_dict, dict):
+        raise ConfigError(f"{str(checkpoint_path)!r} holds no state dict (a {type(state_dict).__name__})")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [k for k, v in state_dict.items() if k in shapes and tuple(getattr(v, "shape", ())) != shapes[k]]
+    if wrong:
+        raise ConfigError(
+            f"{checkpoint_path} does not match the model config: {wrong[0]} has shape"
+            f" {tuple(state_dict[wrong[0]].shape)}, the model wants {shapes[wrong[0]]} ({len(wrong)} tensors differ)"
+        )
     missing, unexpected = load_state(model, state_dict, assign=assign)
     missing = [k for k in missing if not ether_filter(k, None)]
     if missing or unexpected:

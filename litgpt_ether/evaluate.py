@@ -23,8 +23,14 @@ from litgpt.utils import get_default_supported_precision
 from tqdm import tqdm
 
 from litgpt_ether.checkpoint import load_model, resolve, write_text_atomic
-from litgpt_ether.checks import InferenceQuantize, quantization, require_extra
-from litgpt_ether.ether import ConfigError
+from litgpt_ether.checks import (
+    ConfigError,
+    InferenceQuantize,
+    check_numbers,
+    check_output_dir,
+    quantization,
+    require_extra,
+)
 
 # lm-eval is the `eval` extra: without it every other verb still works, and this one says what to install
 LM_EVAL_AVAILABLE = find_spec("lm_eval") is not None
@@ -274,11 +280,12 @@ def evaluate(
         seed: The random seed for Python, NumPy, torch and the few-shot sampler.
     """
     require_extra("lm_eval", "eval", "evaluate")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    check_numbers(locals())
     fabric = setup_fabric(device, precision, quantize)
     task_manager, task_names = find_tasks(tasks, include_path)
     resolved = resolve(checkpoint_dir, base_checkpoint_dir)
+    out_dir = Path(out_dir) if out_dir is not None else resolved.files_dir / "eval"
+    check_output_dir(out_dir)  # before the tasks run, which can take hours
     t0 = time.perf_counter()
     model = fabric.setup_module(load_model(resolved))
     fabric.print(f"Time to load the model: {time.perf_counter() - t0:.02f} seconds.", file=sys.stderr)
@@ -306,7 +313,6 @@ def evaluate(
         torch_random_seed=seed,
         fewshot_random_seed=seed,
     )
-    out_dir = Path(out_dir) if out_dir is not None else resolved.files_dir / "eval"
     dumped = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
     write_text_atomic(dumped, out_dir / "results.json")
     print(make_table(results))

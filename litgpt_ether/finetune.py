@@ -9,6 +9,7 @@ used as they are.
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -28,10 +29,8 @@ from litgpt.data import Alpaca, DataModule
 from litgpt.finetune.lora import (
     generate_example,
     get_dataloaders,
-    get_longest_seq_length,
     get_lr_scheduler,
     validate,
-    validate_args,
 )
 from litgpt.generate.base import generate_fn
 from litgpt.parser_config import save_hyperparameters
@@ -56,7 +55,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import DataLoader
 from torchmetrics import RunningMean
 
 from litgpt_ether.checkpoint import (
@@ -72,17 +71,22 @@ from litgpt_ether.checkpoint import (
 )
 from litgpt_ether.checks import (
     Accelerator,
+    ConfigError,
     TrainingQuantize,
     check_devices,
     check_json_data,
+    check_numbers,
     check_optimizer,
+    check_output_dir,
     check_outputs_fit,
+    check_samples_fit,
+    check_train_args,
     quantization,
 )
 from litgpt_ether.ether import (
     GPT,
     Config,
-    ConfigError,
+    EtherMethod,
     ether_state_dict,
     initial_ether_state,
     load_base_checkpoint,
@@ -104,7 +108,7 @@ def setup(
     accelerator: Accelerator = "auto",
     devices: int | str = 1,
     num_nodes: int = 1,
-    ether_method: Literal["ether", "etherplus"] = "ether",
+    ether_method: EtherMethod = "ether",
     ether_one_sided: bool = False,
     ether_nb: int = 1,
     ether_flip_side: bool = False,
@@ -174,12 +178,17 @@ def setup(
         resume: Continue a run from a step checkpoint: "auto" (or true) takes the latest complete ``step-*`` in
             ``out_dir`` (starting afresh if there is none), a path names one. The adapter, optimizer, scheduler,
             RNG states and data position are restored, so the run ends as if it had never stopped.
-        overwrite: Start afresh in an ``out_dir`` that holds a previous run's checkpoints, deleting them.
+        overwrite: Start afresh in an ``out_dir`` that holds a previous run's checkpoints. They are moved aside and
+            deleted once the new run has saved its first checkpoint; a run that fails before that puts them back.
         activation_checkpointing: Recompute each transformer block's activations in the backward pass instead of
             keeping them: far less memory for about a third more compute. Default: on with more than one device.
     """
     ether_args = {k: v for k, v in locals().items() if k.startswith("ether_")}
     pprint(locals())
+    # every check first, in the order a user would fix things; nothing is written until they all pass
+    optimizer = normalize_optimizer(optimizer)
+    check_numbers(locals())
+    check_train_args(train, eval)
     devices = check_devices(accelerator, devices)
     world_size = devices * num_nodes
     precision, plugins = quantization(quantize, precision, True, accelerator, world_size)
@@ -190,9 +199,8 @@ def setup(
         activation_checkpointing = world_size > 1
     check_checkpoint_dir(checkpoint_dir)
     config = Config.from_file(checkpoint_dir / "model_config.yaml", **ether_args)
-    with torch.device("meta"):
-        GPT(config)  # reject a bad ETHER configuration before any data or weights are touched
-    optimizer = normalize_optimizer(optimizer)
+    with torch.device("meta"):  # a bad ETHER configuration, or base weights that are unreadable or do not fit it
+        load_base_checkpoint(GPT(config), checkpoint_dir / "lit_model.pth", assign=True)  # memory-mapped: cheap
     check_optimizer(optimizer)
     data = Alpaca() if data is None else data
     check_json_data(data)
@@ -202,6 +210,8 @@ def setup(
             f" train.micro_batch_size = {world_size * train.micro_batch_size}"
         )
     out_dir = init_out_dir(out_dir)
+    check_output_dir(out_dir)
+    test_rows = load_test_rows(test_data) if test_data is not None else None
 
     logger = choose_logger(
         logger_name,
@@ -226,12 +236,17 @@ def setup(
         plugins=plugins,
         loggers=logger,
     )
-    test_rows = load_test_rows(test_data) if test_data is not None else None
-    resume_dir = prepare_out_dir(out_dir, resume, overwrite)  # last: with --overwrite it deletes the old run
-    fabric.launch(
-        main, devices, seed, config, data, checkpoint_dir, out_dir, train, eval, optimizer, num_nodes, test_rows,
-        resume_dir, activation_checkpointing and world_size == 1,
-    )  # fmt: skip
+    resume_dir = prepare_out_dir(out_dir, resume, overwrite)
+    set_aside = fabric.global_rank == 0 and overwrite and resume_dir is None and set_aside_previous_run(out_dir)
+    try:
+        fabric.launch(
+            main, devices, seed, config, data, checkpoint_dir, out_dir, train, eval, optimizer, num_nodes,
+            test_rows, resume_dir, activation_checkpointing and world_size == 1,
+        )  # fmt: skip
+    except BaseException:
+        if set_aside:
+            restore_previous_run(out_dir)  # the new run saved nothing: the old one is back as it was
+        raise
 
 
 def main(
@@ -250,11 +265,16 @@ def main(
     resume_dir: Path | None = None,
     checkpoint_blocks: bool = False,
 ) -> None:
-    validate_args(train, eval)
-
     tokenizer = Tokenizer(checkpoint_dir)
-    train_dataloader, val_dataloader = get_dataloaders(fabric, data, tokenizer, train)
+    try:
+        train_dataloader, val_dataloader = get_dataloaders(fabric, data, tokenizer, train)
+    except OSError as err:  # a data module that downloads (Alpaca, ...) without a network; requests' errors too
+        detail = " ".join(str(err).split())[:300]
+        raise ConfigError(f"could not prepare the data ({type(err).__name__}: {detail})") from None
     check_outputs_fit(train_dataloader.dataset, train.max_seq_length)
+    longest = check_samples_fit(
+        train_dataloader.dataset, val_dataloader.dataset, train.max_seq_length, config.block_size
+    )
     steps_per_epoch = len(train_dataloader) // train.gradient_accumulation_iters(devices, num_nodes)
     lr_max_steps = min(train.epochs * steps_per_epoch, (train.max_steps or float("inf")))
     if lr_max_steps <= (train.lr_warmup_steps or 0):
@@ -312,7 +332,7 @@ def main(
         )
     rng = state["rng"] if state is not None else None
     progress = fit(fabric, model, optimizer, scheduler, train_dataloader, val_dataloader, devices, checkpoint_dir,
-                   out_dir, train, eval, data, num_nodes, progress, rng, run)  # fmt: skip
+                   out_dir, train, eval, data, longest, num_nodes, progress, rng, run)  # fmt: skip
     training_time, token_counts = progress.seconds, progress.token_counts
     fabric.print(create_finetuning_performance_report(training_time, token_counts, fabric.device.type))
 
@@ -460,17 +480,18 @@ def fit(
     train: TrainArgs,
     eval: EvalArgs,
     data: DataModule,
+    longest_seq_length: int,
     num_nodes: int = 1,
     progress: Progress | None = None,
     rng: dict | None = None,
     run: dict | None = None,
 ) -> Progress:
     """The training loop. With ``progress`` and ``rng`` from a step checkpoint it continues that run exactly: the
-    data iterator is replayed to the same position and the random state restored after it."""
+    data iterator is replayed to the same position and the random state restored after it. ``longest_seq_length``
+    is the longest sample of either split (``check_samples_fit``)."""
     resumed = rng is not None
     progress = progress or Progress()
     tokenizer = Tokenizer(checkpoint_dir)
-    longest_seq_length, _ = get_longest_seq_length(ConcatDataset([train_dataloader.dataset, val_dataloader.dataset]))
     model.max_seq_length = min(longest_seq_length, train.max_seq_length or float("inf"))
     fabric.print(
         f"The longest sequence length in the train data is {longest_seq_length}, the model's maximum sequence length is"
@@ -641,7 +662,8 @@ def prepare_out_dir(out_dir: Path, resume: bool | str | Path, overwrite: bool) -
         if not (path / TRAINING_STATE_FILE).is_file() or not (path / ADAPTER_FILE).is_file():
             raise ConfigError(f"--resume {str(path)!r} is not a step checkpoint of a finetune run (a step-* directory)")
         return path
-    previous = sorted(d.name for d in (*out_dir.glob("step-*"), out_dir / "final") if d.is_dir())
+    # a run set aside by an ``--overwrite`` that was killed before its first save counts as a run
+    previous = sorted(d.name for d in (*out_dir.glob("step-*"), out_dir / "final", out_dir / OVERWRITTEN) if d.is_dir())
     if previous and not overwrite and resume:
         raise ConfigError(
             f"out_dir {str(out_dir)!r} holds a run but no complete step checkpoint to resume from:"
@@ -653,9 +675,39 @@ def prepare_out_dir(out_dir: Path, resume: bool | str | Path, overwrite: bool) -
             f"out_dir {str(out_dir)!r} already holds a run ({listed}): pass --resume auto to continue it,"
             " or --overwrite true to start over and delete it"
         )
-    for name in previous:
-        shutil.rmtree(out_dir / name)
     return None
+
+
+# ``--overwrite``: the old run's checkpoints wait here until the new run has saved its first one
+OVERWRITTEN = ".overwritten-run"
+
+
+def set_aside_previous_run(out_dir: Path) -> bool:
+    """Move the previous run's ``step-*`` and ``final`` directories into ``out_dir/.overwritten-run``; whether any.
+
+    A leftover from an overwrite that was killed before its first save (nothing visible beside it) is the user's
+    run: it stays set aside, with whatever this call adds.
+    """
+    previous = [d for d in (*out_dir.glob("step-*"), out_dir / "final") if d.is_dir()]
+    aside = out_dir / OVERWRITTEN
+    if not previous:
+        return aside.is_dir()
+    aside.mkdir(parents=True, exist_ok=True)
+    for d in previous:
+        os.replace(d, aside / d.name)
+    return True
+
+
+def restore_previous_run(out_dir: Path) -> None:
+    """Undo ``set_aside_previous_run``, for a run that failed before it saved anything."""
+    aside = out_dir / OVERWRITTEN
+    if not aside.is_dir():
+        return
+    for d in aside.iterdir():
+        if not (out_dir / d.name).exists():
+            os.replace(d, out_dir / d.name)
+    if not any(aside.iterdir()):
+        aside.rmdir()
 
 
 def load_training_state(resume_dir: Path, run: dict) -> dict:
@@ -721,4 +773,6 @@ def save_checkpoint(
             if summary is not None:
                 merge_adapter(Resolved(tmp, checkpoint_dir, tmp / ADAPTER_FILE), tmp)
                 (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        # the new run has a checkpoint: an old run that ``--overwrite`` set aside goes now
+        shutil.rmtree(save_dir.parent / OVERWRITTEN, ignore_errors=True)
     fabric.barrier()

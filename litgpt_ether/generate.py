@@ -20,8 +20,7 @@ from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_ether.checkpoint import load_model, resolve
-from litgpt_ether.checks import InferenceQuantize, quantization
-from litgpt_ether.ether import ConfigError
+from litgpt_ether.checks import ConfigError, InferenceQuantize, check_numbers, quantization
 
 
 class PromptTooLongError(ConfigError):
@@ -43,16 +42,6 @@ class Inference:
 
     def stop_tokens(self) -> tuple[list[int], ...]:
         return self.prompt_style.stop_tokens(self.tokenizer)
-
-
-def check_sampling_args(max_new_tokens: int, top_k: int | None, top_p: float) -> None:
-    """Refuse values litgpt would only fail on mid-generation, with a traceback."""
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"top_k must be at least 1 (or None for no top-k), got {top_k}")
-    if not 0.0 <= top_p <= 1.0:
-        raise ConfigError(f"top_p must be in [0, 1], got {top_p}")
 
 
 def check_fits(prompt_length: int, max_new_tokens: int, block_size: int) -> None:
@@ -144,7 +133,7 @@ def main(
         seed: The random seed for sampling.
     """
     print(pformat(locals()), file=sys.stderr)
-    check_sampling_args(max_new_tokens, top_k, top_p)
+    check_numbers(locals())
     inference = load_for_inference(checkpoint_dir, base_checkpoint_dir, precision, quantize)
     fabric, model, tokenizer = inference.fabric, inference.model, inference.tokenizer
 

@@ -92,7 +92,7 @@ def test_debug_switch_keeps_the_traceback(checkpoint_dir, tmp_path, monkeypatch)
     assert "Traceback" in result.stderr
     assert (
         result.stderr.strip().splitlines()[-1]
-        == "litgpt_ether.ether.ConfigError: max_new_tokens must be at least 1, got 0"
+        == "litgpt_ether.checks.ConfigError: max_new_tokens must be an integer >= 1, got 0"
     )
 
 
@@ -275,7 +275,10 @@ def test_int8_training_needs_float16(checkpoint_dir, dataset_path, tmp_path, mon
 
 
 def test_quantize_outside_litgpts_choices_is_one_line(checkpoint_dir):
-    one_line_error(run_main("generate", str(checkpoint_dir), "--quantize", "int3"), 'Parser key "quantize"', code=2)
+    line = one_line_error(run_main("generate", str(checkpoint_dir), "--quantize", "int3"), code=2)
+    assert line.endswith(
+        "--quantize must be one of 'bnb.nf4', 'bnb.nf4-dq', 'bnb.fp4', 'bnb.fp4-dq', 'bnb.int8', got 'int3'"
+    )
 
 
 # 12. devices the machine does not have

@@ -280,10 +280,23 @@ def test_no_target_is_an_error():
         GPT(Config(**FAMILIES["llama-mha"]))
 
 
-@pytest.mark.parametrize("n", [0, -2])
-def test_non_positive_nb_is_an_error(n):
-    with pytest.raises(ConfigError, match="positive"):
-        GPT(Config(**FAMILIES["llama-mha"], ether_nb=n, ether_query=True))
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"ether_nb": 0}, "ether_nb must be an integer >= 1, got 0"),
+        ({"ether_nb": -2}, "ether_nb must be an integer >= 1, got -2"),
+        ({"ether_nb": 2.0}, "ether_nb must be an integer >= 1, got 2.0"),
+        ({"ether_dropout": 1.0}, r"ether_dropout must be in \[0, 1\), got 1.0"),
+        ({"ether_dropout": -0.1}, r"ether_dropout must be in \[0, 1\), got -0.1"),
+        ({"ether_dropout": float("nan")}, r"ether_dropout must be in \[0, 1\), got nan"),
+        ({"ether_method": "foo"}, "ether_method must be one of 'ether', 'etherplus', got 'foo'"),
+        ({"ether_method": "ETHER"}, "ether_method must be one of 'ether', 'etherplus', got 'ETHER'"),
+    ],
+)
+def test_config_refuses_bad_ether_options_when_made(option, message):
+    """The Python API: ``Config`` refuses at once, before any model is built (an unknown method used to build ETHER)."""
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        Config(**FAMILIES["llama-mha"], ether_query=True, **option)
 
 
 def test_flip_side_with_two_sided_etherplus_is_an_error():
