@@ -2,6 +2,7 @@
 
 from litgpt_ether.ether import (
     GPT,
+    BlockMatrix,
     Config,
     ConfigError,
     ETHERLayer,
@@ -17,6 +18,7 @@ from litgpt_ether.ether import (
 
 __all__ = [
     "GPT",
+    "BlockMatrix",
     "Config",
     "ConfigError",
     "ETHERLayer",

@@ -33,8 +33,11 @@ from typing_extensions import Self
 
 from litgpt_ether.checks import ConfigError, check_number
 
-# The methods, as ``ether_method`` (and ``finetune --ether_method``) names them
-EtherMethod = Literal["ether", "etherplus"]
+# The methods, as ``ether_method`` (and ``finetune --ether_method``) names them: ETHER, ETHER+, and the paper's
+# baselines OFT (orthogonal k x k blocks, Cayley) and Naive (unconstrained blocks ``I + R``)
+EtherMethod = Literal["ether", "etherplus", "oft", "naive"]
+# OFT and Naive learn ``n·k²`` numbers per side: past this block size a layer costs more than it is worth
+MAX_MATRIX_BLOCK = 2048
 
 
 @dataclass
@@ -42,8 +45,9 @@ class Config(BaseConfig):
     """litgpt's ``Config`` plus the ETHER options.
 
     Args:
-        ether_method: "ether" (Householder reflections) or "etherplus" (ETHER+, two-sided unless
-            ``ether_one_sided``).
+        ether_method: "ether" (Householder reflections), "etherplus" (ETHER+, two-sided unless
+            ``ether_one_sided``), or the paper's baselines "oft" (Cayley-orthogonal blocks) and "naive"
+            (unconstrained blocks ``I + R``), on ETHER's sides.
         ether_one_sided: ETHER+ only: reflect one side, like ETHER, instead of both.
         ether_nb: number of diagonal blocks ``n``; must divide every reflected dimension.
         ether_flip_side: one-sided only: reflect the output side of non-QKV layers instead of the input.
@@ -79,6 +83,11 @@ class Config(BaseConfig):
     @property
     def ether_two_sided(self) -> bool:
         return self.ether_plus and not self.ether_one_sided
+
+    @property
+    def ether_matrix(self) -> bool:
+        """OFT and Naive: a dense ``k x k`` matrix per block instead of vectors."""
+        return self.ether_method in ("oft", "naive")
 
     @property
     def ether_qkv(self) -> tuple[bool, bool, bool]:
@@ -270,16 +279,84 @@ class Reflection(nn.Module):
         w = w / w.detach().abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
         return F.normalize(w, dim=-1).to(dtype)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``z @ H`` (``H`` is symmetric: ``transpose`` changes nothing)."""
         return reflect(z, self.units(z.dtype), self.coefs)
 
 
-def _new_reflection(config: Config, size: int, linear: nn.Module, where: str) -> Reflection:
+class BlockMatrix(nn.Module):
+    """OFT's or Naive's trainable blocks of one side: ``R``, ``(n, k, k)``, zero at the start (``H = I``).
+
+    OFT (as the reference code): ``Q = (R - Rᵀ) / 2``, ``H_b = (I + Q)(I - Q)⁻¹``, orthogonal. Naive: ``H_b = I + R``,
+    unconstrained. The blocks are built once per forward in fp32 (``O(n·k³)``) and applied to the activations as
+    ``(..., n, k) x (n, k, k)`` (``O(tokens·size·k)``): ``W'`` is never built.
+    """
+
+    def __init__(self, size: int, n_blocks: int, cayley: bool, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:  # fmt: skip
+        super().__init__()
+        k = size // n_blocks
+        self.R = nn.Parameter(torch.zeros(n_blocks, k, k, device=device, dtype=dtype))
+        self.cayley = cayley
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.R)
+
+    def blocks(self, dtype: torch.dtype) -> torch.Tensor:
+        """``H``'s diagonal blocks, ``(n, k, k)``, computed in at least fp32, then cast to ``dtype``."""
+        r = self.R.to(torch.promote_types(self.R.dtype, torch.float32))
+        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+        if self.cayley:
+            q = (r - r.transpose(1, 2)) / 2
+            h = torch.linalg.solve(eye - q, eye + q)  # (I - Q)⁻¹(I + Q) = (I + Q)(I - Q)⁻¹: both are functions of Q
+        else:
+            h = eye + r
+        return h.to(dtype)
+
+    def forward(self, z: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``z @ Hᵀ`` per block (``H z`` for column vectors, what a layer's input or output goes through), or
+        ``z @ H`` with ``transpose`` (the rows of ``W`` in ``W H``, for merging)."""
+        h = self.blocks(z.dtype)
+        n, k, _ = h.shape
+        pattern = "...nk,nkm->...nm" if transpose else "...nk,nmk->...nm"
+        return torch.einsum(pattern, z.reshape(*z.shape[:-1], n, k), h).reshape(z.shape)
+
+
+def transform_outputs(
+    z: torch.Tensor, bias: torch.Tensor | None, slices: Sequence[tuple[int, int]], transforms: Sequence[nn.Module],
+    extras: Sequence[torch.Tensor | None] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Each slice ``z[..., a:b]`` of a matmul's output through its side's transform, then ``+ bias``.
+
+    Reflections go in place (``reflect_outputs``: no activation saved for ETHER); OFT and Naive blocks through
+    autograd, out of place.
+    """
+    if isinstance(transforms[0], Reflection):
+        return reflect_outputs(z, bias, slices, transforms, extras)
+    pieces, end = [], 0
+    for (a, b), transform in zip(slices, transforms):
+        pieces += [z[..., end:a], transform(z[..., a:b])]
+        end = b
+    z = torch.cat([*pieces, z[..., end:]], dim=-1)
+    return z if bias is None else z + bias
+
+
+def _new_transform(config: Config, size: int, linear: nn.Module, where: str) -> Reflection | BlockMatrix:
     n = config.ether_nb
     if size % n:
         raise ConfigError(f"ether_nb={n} does not divide {where} (size {size})")
+    k = size // n
+    if config.ether_matrix and k > MAX_MATRIX_BLOCK:
+        gib = n * k * k * 16 / 2**30  # fp32 R, its gradient and AdamW's two moments
+        raise ConfigError(
+            f"ether_method={config.ether_method} with ether_nb={n} makes {k}x{k} blocks in {where}: {n * k * k:,}"
+            f" trainable numbers, {gib:.2f} GiB with gradients and AdamW state in fp32 for this side alone; raise"
+            f" ether_nb to at least {-(-size // MAX_MATRIX_BLOCK)} (blocks of at most {MAX_MATRIX_BLOCK})"
+        )
     weight = linear.weight  # a quantized weight (integer storage) leaves the vectors in the compute dtype
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.get_default_dtype()
+    if config.ether_matrix:
+        return BlockMatrix(size, n, cayley=config.ether_method == "oft", device=weight.device, dtype=dtype)
     return Reflection(size, n, config.ether_plus, device=weight.device, dtype=dtype)
 
 
@@ -346,8 +423,8 @@ class ETHERLinear(ETHERLayer):
 
     def __init__(self, linear: nn.Linear, config: Config, name: str, in_side: bool, out_side: bool) -> None:
         super().__init__(linear, config)
-        self.ether_in = _new_reflection(config, self.in_features, linear, f"{name} input") if in_side else None
-        self.ether_out = _new_reflection(config, self.out_features, linear, f"{name} output") if out_side else None
+        self.ether_in = _new_transform(config, self.in_features, linear, f"{name} input") if in_side else None
+        self.ether_out = _new_transform(config, self.out_features, linear, f"{name} output") if out_side else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ether_dropout(x)
@@ -355,14 +432,14 @@ class ETHERLinear(ETHERLayer):
             x = self.ether_in(x)
         if self.ether_out is None:
             return self.project(x, bias=True)
-        return reflect_outputs(self.project(x, bias=False), self.bias, [(0, self.out_features)], [self.ether_out])
+        return transform_outputs(self.project(x, bias=False), self.bias, [(0, self.out_features)], [self.ether_out])
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``H_out W H_in`` computed in fp32."""
         w = self._dense_weight()
         if self.ether_in is not None:
-            w = self.ether_in(w)  # W H: rows live on the input side
+            w = self.ether_in(w, transpose=True)  # W H: rows live on the input side
         if self.ether_out is not None:
             w = self.ether_out(w.T).T  # H W: columns live on the output side
         return w.to(dtype or self.weight.dtype)
@@ -383,12 +460,12 @@ class ETHERQKVLinear(ETHERLayer):
         self.bounds = [(0, q_size), (q_size, q_size + kv_size), (q_size + kv_size, q_size + 2 * kv_size)]
         self.segments = [(i, s) for i, (s, on) in enumerate(zip("qkv", config.ether_qkv)) if on]
         self.ether_out = nn.ModuleDict(
-            {s: _new_reflection(config, self.sizes[i], linear, f"{name} ({s}) output") for i, s in self.segments}
+            {s: _new_transform(config, self.sizes[i], linear, f"{name} ({s}) output") for i, s in self.segments}
         )
         self.ether_in = None
         if config.ether_two_sided:
             self.ether_in = nn.ModuleDict(
-                {s: _new_reflection(config, self.in_features, linear, f"{name} ({s}) input") for _, s in self.segments}
+                {s: _new_transform(config, self.in_features, linear, f"{name} ({s}) input") for _, s in self.segments}
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -400,8 +477,8 @@ class ETHERQKVLinear(ETHERLayer):
             units = [r.units(x.dtype) for r in reflections]
             projs = weight_units(self.linear, slices, units)
             extras = [reflect_through(x, u, r.coefs, p) for u, r, p in zip(units, reflections, projs)]
-        reflections = [self.ether_out[s] for _, s in self.segments]
-        return reflect_outputs(self.project(x, bias=False), self.bias, slices, reflections, extras)
+        transforms = [self.ether_out[s] for _, s in self.segments]
+        return transform_outputs(self.project(x, bias=False), self.bias, slices, transforms, extras)
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -409,7 +486,7 @@ class ETHERQKVLinear(ETHERLayer):
         for i, s in self.segments:
             a, b = self.bounds[i]
             if self.ether_in is not None:
-                w[a:b] = self.ether_in[s](w[a:b])
+                w[a:b] = self.ether_in[s](w[a:b], transpose=True)
             w[a:b] = self.ether_out[s](w[a:b].T).T
         return w.to(dtype or self.weight.dtype)
 
@@ -525,6 +602,8 @@ def initial_ether_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
             n, k = value.shape
             fresh = Reflection(n * k, n, plus=f"{prefix}.v" in shapes, generator=generator)
             state.update({f"{prefix}.{p}": t.detach().to(value.dtype) for p, t in fresh.named_parameters()})
+        elif name == "R":  # OFT and Naive start at H = I
+            state[key] = torch.zeros(value.shape, dtype=value.dtype)
     return state
 
 

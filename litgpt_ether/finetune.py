@@ -46,6 +46,7 @@ from litgpt.utils import (
     init_out_dir,
     instantiate_torch_optimizer,
     num_parameters,
+    select_sft_generate_example,
 )
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import (
@@ -612,10 +613,20 @@ def sample_example(
     fabric: L.Fabric, model: GPT, tokenizer: Tokenizer, eval: EvalArgs, data: DataModule, seed: int
 ) -> None:
     """litgpt's ``generate_example`` on every process (FSDP needs all of them in each forward), sampling from a
-    forked RNG seeded alike everywhere: every process draws the same tokens, and training's RNG is untouched."""
+    forked RNG seeded alike everywhere: every process draws the same tokens, and training's RNG is untouched.
+
+    The model's ``max_seq_length`` is the longest training sample, which the example's prompt plus
+    ``eval.max_new_tokens`` can exceed (litgpt then skips the example with a note, at every validation): it is
+    raised to fit the example, within the context, for the example only.
+    """
+    prompt = data.prompt_style.apply(select_sft_generate_example(eval, data))
+    needed = min(len(tokenizer.encode(prompt)) + eval.max_new_tokens + 1, model.config.block_size)
+    train_length = model.max_seq_length
+    model.max_seq_length = max(train_length, needed)
     with torch.random.fork_rng(devices=[fabric.device] if fabric.device.type == "cuda" else []):
         torch.manual_seed(seed)
         generate_example(fabric, model, tokenizer, eval, data)
+    model.max_seq_length = train_length
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from litgpt_ether.checkpoint import ADAPTER_FILE, load_model, resolve
-from litgpt_ether.ether import ConfigError, ETHERLayer, ETHERQKVLinear, Reflection, ether_layers
+from litgpt_ether.ether import BlockMatrix, ConfigError, ETHERLayer, ETHERQKVLinear, Reflection, ether_layers
 
 
 @dataclass
@@ -33,16 +33,20 @@ class LayerReport:
     he_after: float
 
 
-def distance_from_identity(reflection: Reflection) -> float:
-    """``||H - I||_F`` from the vectors alone, without building ``H``.
+def distance_from_identity(transform: Reflection | BlockMatrix) -> float:
+    """``||H - I||_F``: for OFT and Naive from the blocks, in fp64; for ETHER and ETHER+ from the vectors alone,
+    without building ``H``.
 
     Per block ``H_b - I = sum_j c_j w_j w_jᵀ`` is symmetric, so ``||H_b - I||_F² = tr((H_b - I)²) =
     sum_{j,l} c_j c_l (w_j · w_l)²``. With unit vectors, ETHER (``c = -2``) gives 4 per block, so ``2√n`` in all,
     and ETHER+ (``c = -1, +1``) gives ``2 - 2 (û · v̂)²``. The products run in fp64: near ETHER+'s start
     (``v̂ ≈ -û``) fp32 cancellation would leave only rounding noise of order 1e-3.
     """
-    w = reflection.units(torch.float32).double()  # (n, j, k): the unit vectors the layer itself uses
-    c = torch.tensor(reflection.coefs, dtype=torch.float64)
+    if isinstance(transform, BlockMatrix):
+        h = transform.blocks(torch.float64)
+        return (h - torch.eye(h.shape[-1], dtype=h.dtype)).norm().item()
+    w = transform.units(torch.float32).double()  # (n, j, k): the unit vectors the layer itself uses
+    c = torch.tensor(transform.coefs, dtype=torch.float64)
     gram = w @ w.transpose(1, 2)  # (n, j, j)
     return (c[:, None] * c[None, :] * gram**2).sum().clamp(min=0).sqrt().item()
 
@@ -69,7 +73,10 @@ def hyperspherical_energy(weight: torch.Tensor, chunk_elements: int = 2**22) -> 
     return total
 
 
-def segments(layer: ETHERLayer) -> Iterator[tuple[str | None, slice, Reflection | None, Reflection | None]]:
+Transform = Reflection | BlockMatrix
+
+
+def segments(layer: ETHERLayer) -> Iterator[tuple[str | None, slice, Transform | None, Transform | None]]:
     """``(segment, rows of W, input reflection, output reflection)``: the whole layer, or each targeted q/k/v."""
     if not isinstance(layer, ETHERQKVLinear):
         yield None, slice(None), layer.ether_in, layer.ether_out
@@ -94,7 +101,7 @@ def inspect_layer(name: str, layer: ETHERLayer) -> list[LayerReport]:
                 layer=name,
                 segment=segment,
                 sides="+".join(side for side, h in (("in", h_in), ("out", h_out)) if h is not None),
-                n_blocks=any_side.u.shape[0],
+                n_blocks=next(any_side.parameters()).shape[0],
                 h_in_minus_i=distance_from_identity(h_in) if h_in is not None else None,
                 h_out_minus_i=distance_from_identity(h_out) if h_out is not None else None,
                 relative_change=((w_new - w).norm() / w.norm()).item(),

@@ -66,6 +66,13 @@ def test_flops_relations(llama_flops):
             assert f[f"{m}-n{n}"] <= 1.01 * lora, (m, n, f[f"{m}-n{n}"] / lora)
             assert f[f"reference-{m}-n{n}"] > f[f"{m}-n{n}"]
         assert f[f"reference-{m}-n1"] > f[f"reference-{m}-n4"] > f[f"reference-{m}-n32"]
+    # OFT and Naive on activations: within 5% of LoRA at n = 32, cheaper with more blocks, below the weight side
+    for m in ("oft", "naive"):
+        assert f[f"{m}-n32"] <= 1.05 * lora, (m, f[f"{m}-n32"] / lora)
+        assert f[f"{m}-n4"] > f[f"{m}-n32"]
+    assert f["naive-n4"] < f["oft-n4"]  # no Cayley solve
+    for n in (4, 32):
+        assert f[f"reference-oft-n{n}"] > f[f"oft-n{n}"]
     # frozen is the floor, except that it alone computes the first layer's QKV input gradient
     c = litgpt.config.Config(**LLAMA_2L)
     first_qkv_dx = 2 * MB * SEQ * c.n_embd * (c.n_head + 2 * c.n_query_groups) * c.head_size
@@ -101,14 +108,14 @@ def test_reference_flops_analytic(plus, n):
     assert counted - frozen == reference_extra_flops(litgpt.config.Config(**tiny), plus, n, mb * seq)
 
 
-@pytest.mark.parametrize("method", ["ether", "etherplus"])
+@pytest.mark.parametrize("method", ["ether", "etherplus", "oft"])
 def test_reference_matches_package(method):
     """The weight-side form this script measures is the package's function, for the same vectors."""
     n = 2
     fields = dict(ether_method=method, ether_nb=n, ether_query=True, ether_value=True)
     torch.manual_seed(0)
     package = ether.GPT(ether.Config(**FAMILIES["llama-gqa"], **fields))
-    with torch.no_grad():  # random (u, v): ETHER+ starts at H = I, which would hide mistakes
+    with torch.no_grad():  # random (u, v) and R: ETHER+ and OFT start at H = I, which would hide mistakes
         for name, p in package.named_parameters():
             if ether.ether_filter(name, p):
                 p.copy_(torch.randn_like(p))
@@ -119,13 +126,12 @@ def test_reference_matches_package(method):
     with torch.no_grad():
         for ref_block, pkg_block in zip(reference.transformer.h, package.transformer.h):
             qkv = pkg_block.attn.qkv
-            ref_qkv = benchmark.ReferenceQKV(ref_block.attn.qkv, config, plus=plus, two_sided=plus, n=n)
+            ref_qkv = benchmark.ReferenceQKV(ref_block.attn.qkv, config, method, n)
             for s in "qv":
                 sides = [("out", qkv.ether_out[s])] + ([("in", qkv.ether_in[s])] if plus else [])
-                for side, reflection in sides:
-                    ref_qkv.vecs[f"{s}_{side}_u"].copy_(reflection.u)
-                    if plus:
-                        ref_qkv.vecs[f"{s}_{side}_v"].copy_(reflection.v)
+                for side, transform in sides:
+                    for name, p in transform.named_parameters():
+                        ref_qkv.vecs[f"{s}_{side}_{name}"].copy_(p)
             ref_block.attn.qkv = ref_qkv
     x = torch.randint(0, config.vocab_size, (2, 12))
     torch.testing.assert_close(reference(x), package(x), atol=1e-5, rtol=0)

@@ -78,7 +78,10 @@ def F(*extra: str, base: str = "{w}/base") -> list[str]:
 
 CASES = {
     # finetune: ETHER options
-    "ft-method": (F("--ether_method", "foo"), "--ether_method must be one of 'ether', 'etherplus', got 'foo'"),
+    "ft-method": (
+        F("--ether_method", "foo"),
+        "--ether_method must be one of 'ether', 'etherplus', 'oft', 'naive', got 'foo'",
+    ),
     "ft-nb-zero": (F("--ether_nb", "0"), "ether_nb must be an integer >= 1, got 0"),
     "ft-nb-not-dividing": (F("--ether_nb", "3"), "ether_nb=3 does not divide"),
     "ft-dropout": (F("--ether_dropout", "1.5"), "ether_dropout must be in [0, 1), got 1.5"),

@@ -57,9 +57,9 @@ def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
 
 
-def train(run, out_dir: Path, checkpoint_dir: Path, data_dir: Path, devices: int) -> tuple[Path, str]:
+def train(run, out_dir: Path, checkpoint_dir: Path, data_dir: Path, devices: int, *extra: str) -> tuple[Path, str]:
     """A finetune run through ``run`` (``run_main`` or ``run_cli``): its out_dir and everything it printed."""
-    result = run(*args(checkpoint_dir, data_dir, out_dir, "--devices", str(devices)))
+    result = run(*args(checkpoint_dir, data_dir, out_dir, "--devices", str(devices), *extra))
     assert result.returncode == 0, result.stderr[-3000:]
     return out_dir, result.stdout + result.stderr
 
@@ -105,3 +105,14 @@ def test_two_processes_resume_from_a_step_checkpoint(checkpoint_dir, data_dir, t
     assert_same_adapter(adapter(resumed / "final"), adapter(out_dir / "final"))
     # the saved counts are the run's (both processes), restored once: the whole run's tokens, not more
     assert token_counts(result.stdout + result.stderr) == token_counts(log)
+
+
+def test_oft_blocks_shard_and_gather_like_the_vectors(checkpoint_dir, data_dir, tmp_path):
+    """OFT's ``(n, k, k)`` blocks are sharded over the processes, gathered for saving, and train alike."""
+    oft = ("--ether_method", "oft", "--ether_head", "false", "--optimizer.lr", "0.01")
+    single, _ = train(run_main, tmp_path / "single", checkpoint_dir, data_dir, 1, *oft)
+    two, _ = train(run_cli, tmp_path / "two", checkpoint_dir, data_dir, 2, *oft)
+    final = adapter(single / "final")
+    assert final and all(k.endswith(".R") for k in final) and any(v.abs().max() > 0 for v in final.values())
+    for name in ("step-000002", "final"):
+        assert_same_adapter(adapter(two / name), adapter(single / name))

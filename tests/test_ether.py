@@ -30,6 +30,10 @@ METHODS = {
     "etherplus": dict(ether_method="etherplus"),
     "etherplus-one-sided": dict(ether_method="etherplus", ether_one_sided=True),
     "etherplus-one-sided-flip": dict(ether_method="etherplus", ether_one_sided=True, ether_flip_side=True),
+    "oft": dict(ether_method="oft"),
+    "oft-flip": dict(ether_method="oft", ether_flip_side=True),
+    "naive": dict(ether_method="naive"),
+    "naive-flip": dict(ether_method="naive", ether_flip_side=True),
 }
 TARGETS = {
     "q": dict(ether_query=True),
@@ -47,10 +51,10 @@ def ether_model(family: str, method: str, targets: str, n: int, **extra) -> GPT:
     config = Config(**FAMILIES[family], **METHODS[method], **TARGETS[targets], ether_nb=n, **extra)
     torch.manual_seed(0)
     model = GPT(config).double()
-    with torch.no_grad():  # random (u, v): ETHER+ starts at H = I, which would hide side mix-ups
+    with torch.no_grad():  # random (u, v) and R: ETHER+, OFT and Naive start at H = I, which would hide side mix-ups
         for name, p in model.named_parameters():
             if ether_filter(name, p):
-                p.copy_(torch.randn_like(p))
+                p.copy_(torch.randn_like(p) * (0.3 if name.endswith(".R") else 1.0))
     return model
 
 
@@ -71,6 +75,21 @@ def dense_h(u: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
     return torch.block_diag(*blocks)
 
 
+def dense_matrix(r: torch.Tensor, method: str) -> torch.Tensor:
+    """blockdiag_i((I + Q_i)(I - Q_i)⁻¹) with Q_i = (R_i - R_iᵀ)/2 for OFT, blockdiag_i(I + R_i) for Naive."""
+    eye = torch.eye(r.shape[1], dtype=r.dtype)
+    if method == "naive":
+        return torch.block_diag(*[eye + r_i for r_i in r])
+    return torch.block_diag(*[(eye + (r_i - r_i.T) / 2) @ torch.linalg.inv(eye - (r_i - r_i.T) / 2) for r_i in r])
+
+
+def dense(transform: nn.Module, method: str) -> torch.Tensor:
+    """The reference ``H`` of one side, from the layer's raw parameters."""
+    if method in ("oft", "naive"):
+        return dense_matrix(transform.R, method)
+    return dense_h(transform.u, transform.v)
+
+
 def expected_sides(config: Config, is_qkv: bool) -> tuple[bool, bool]:
     """(input side, output side) as the method defines them, derived from the config alone."""
     if config.ether_method == "etherplus" and not config.ether_one_sided:
@@ -83,6 +102,7 @@ def expected_sides(config: Config, is_qkv: bool) -> tuple[bool, bool]:
 def reference_weights(model: GPT) -> dict[str, torch.Tensor]:
     """``H_out W H_in`` for every ETHER layer, differentiable in (u, v), keyed like the base model."""
     config = model.config
+    method = config.ether_method
     weights = {}
     for name, layer in model.named_modules():
         if isinstance(layer, ETHERQKVLinear):
@@ -93,11 +113,9 @@ def reference_weights(model: GPT) -> dict[str, torch.Tensor]:
             enabled = [s for s, on in zip("qkv", (config.ether_query, config.ether_key, config.ether_value)) if on]
             assert set(layer.ether_out) == set(enabled) and (layer.ether_in is not None) == in_side
             for s in enabled:
-                r_out = layer.ether_out[s]
-                w = dense_h(r_out.u, r_out.v) @ segments[s]
+                w = dense(layer.ether_out[s], method) @ segments[s]
                 if in_side:
-                    r_in = layer.ether_in[s]
-                    w = w @ dense_h(r_in.u, r_in.v)
+                    w = w @ dense(layer.ether_in[s], method)
                 segments[s] = w
             weights[f"{name}.weight"] = torch.cat(list(segments.values()))
         elif isinstance(layer, ETHERLinear):
@@ -105,9 +123,9 @@ def reference_weights(model: GPT) -> dict[str, torch.Tensor]:
             assert (layer.ether_in is not None, layer.ether_out is not None) == (in_side, out_side)
             w = layer.weight
             if out_side:
-                w = dense_h(layer.ether_out.u, layer.ether_out.v) @ w
+                w = dense(layer.ether_out, method) @ w
             if in_side:
-                w = w @ dense_h(layer.ether_in.u, layer.ether_in.v)
+                w = w @ dense(layer.ether_in, method)
             weights[f"{name}.weight"] = w
     return weights
 
@@ -208,6 +226,19 @@ def test_ether_h_is_an_orthogonal_involution_at_fixed_distance(n):
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])
+def test_oft_blocks_are_orthogonal_and_naive_blocks_are_not(n):
+    for method in ("oft", "naive"):
+        model = ether_model("llama-mha", method, "proj", n)
+        h = layer_h(model.transformer.h[0].attn.proj.ether_in, 16)
+        orthogonal = torch.allclose(h @ h.T, torch.eye(16, dtype=torch.float64))
+        assert orthogonal == (method == "oft"), method
+        # block-diagonal: nothing leaks between blocks
+        k = 16 // n
+        mask = torch.block_diag(*[torch.ones(k, k, dtype=torch.bool)] * n)
+        assert not h[~mask].any()
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
 def test_etherplus_distance_is_bounded(n):
     model = ether_model("llama-mha", "etherplus", "proj", n)
     for reflection in (model.transformer.h[0].attn.proj.ether_in, model.transformer.h[0].attn.proj.ether_out):
@@ -216,11 +247,10 @@ def test_etherplus_distance_is_bounded(n):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("one_sided", [False, True])
-def test_etherplus_starts_at_the_base_model(family, one_sided):
-    config = Config(**FAMILIES[family], ether_method="etherplus", ether_one_sided=one_sided, ether_nb=2,
-                    ether_query=True, ether_key=True, ether_value=True, ether_projection=True, ether_mlp=True,
-                    ether_head=True)  # fmt: skip
+@pytest.mark.parametrize("method", ["etherplus", "etherplus-one-sided", "oft", "naive"])
+def test_etherplus_oft_and_naive_start_at_the_base_model(family, method):
+    config = Config(**FAMILIES[family], **METHODS[method], ether_nb=2, ether_query=True, ether_key=True,
+                    ether_value=True, ether_projection=True, ether_mlp=True, ether_head=True)  # fmt: skip
     torch.manual_seed(0)
     model = GPT(config)
     idx = torch.randint(0, 48, (2, 8))
@@ -257,6 +287,29 @@ def test_llama2_7b_parameter_counts_do_not_depend_on_n(method, expected, n):
     assert all(ether_filter(n, p) for n, p in model.named_parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("n", [4, 32, 256])
+@pytest.mark.parametrize("method", ["oft", "naive"])
+def test_llama2_7b_oft_and_naive_parameter_counts_follow_n_k_squared(method, n):
+    """n·k² per reflected side and segment: q and v are each a 4096-wide output side in all 32 blocks."""
+    with torch.device("meta"):
+        model = GPT.from_name("Llama-2-7b-hf", ether_method=method, ether_nb=n, ether_query=True, ether_value=True)
+    mark_only_ether_as_trainable(model)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    k = 4096 // n
+    assert count == 32 * 2 * n * k * k
+    print(f"Llama-2-7B q+v, {method}, n={n}: {count:,} trainable parameters (ETHER: 262,144; LoRA r=8: 4,194,304)")
+
+
+def test_a_block_too_large_for_oft_names_the_layer_and_its_memory_before_allocating():
+    with torch.device("meta"), pytest.raises(ConfigError) as err:
+        GPT.from_name("Llama-2-7b-hf", ether_method="oft", ether_nb=1, ether_query=True)
+    assert str(err.value) == (
+        "ether_method=oft with ether_nb=1 makes 4096x4096 blocks in transformer.h.0.attn.qkv (q) output: 16,777,216"
+        " trainable numbers, 0.25 GiB with gradients and AdamW state in fp32 for this side alone; raise ether_nb to"
+        " at least 2 (blocks of at most 2048)"
+    )
+
+
 def test_base_checkpoint_keys_are_unchanged():
     model = ether_model("neox-bias", "etherplus", "qkv", 2, ether_projection=True, ether_mlp=True, ether_head=True)
     base_keys = set(base_model(model).state_dict())
@@ -289,8 +342,8 @@ def test_no_target_is_an_error():
         ({"ether_dropout": 1.0}, r"ether_dropout must be in \[0, 1\), got 1.0"),
         ({"ether_dropout": -0.1}, r"ether_dropout must be in \[0, 1\), got -0.1"),
         ({"ether_dropout": float("nan")}, r"ether_dropout must be in \[0, 1\), got nan"),
-        ({"ether_method": "foo"}, "ether_method must be one of 'ether', 'etherplus', got 'foo'"),
-        ({"ether_method": "ETHER"}, "ether_method must be one of 'ether', 'etherplus', got 'ETHER'"),
+        ({"ether_method": "foo"}, "ether_method must be one of 'ether', 'etherplus', 'oft', 'naive', got 'foo'"),
+        ({"ether_method": "ETHER"}, "ether_method must be one of 'ether', 'etherplus', 'oft', 'naive', got 'ETHER'"),
     ],
 )
 def test_config_refuses_bad_ether_options_when_made(option, message):

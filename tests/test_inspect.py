@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from conftest import run_cli
-from test_ether import dense_h
+from test_ether import dense_h, dense_matrix
 
 from litgpt_ether import GPT, Config, ether_state_dict
 from litgpt_ether.checkpoint import ADAPTER_FILE, save_adapter
@@ -70,8 +70,12 @@ def segment_rows(checkpoint_dir: Path, segment: str | None) -> slice:
     return {None: slice(None), "q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}[segment]
 
 
-def dense_side(state: dict[str, torch.Tensor], layer: str, side: str, segment: str | None) -> torch.Tensor | None:
+def dense_side(
+    state: dict[str, torch.Tensor], layer: str, side: str, segment: str | None, method: str = "ether"
+) -> torch.Tensor | None:
     prefix = ".".join(p for p in (layer, f"ether_{side}", segment) if p is not None)
+    if f"{prefix}.R" in state:
+        return dense_matrix(state[f"{prefix}.R"].double(), method)
     if f"{prefix}.u" not in state:
         return None
     v = state.get(f"{prefix}.v")
@@ -126,6 +130,27 @@ def test_etherplus_figures_match_a_dense_computation(checkpoint_dir, tmp_path, c
         assert r["relative_change"] == pytest.approx(((w_new - w).norm() / w.norm()).item(), rel=1e-5)
         assert r["he_before"] == pytest.approx(brute_force_he(w), rel=1e-5)
         assert r["he_after"] == pytest.approx(brute_force_he(w_new), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["oft", "naive"])
+def test_oft_and_naive_figures_match_a_dense_computation(checkpoint_dir, tmp_path, capsys, method):
+    """OFT's blocks are orthogonal: on the input side the neurons' angles, hence HE, stay; Naive's are not."""
+    state = write_adapter(tmp_path, checkpoint_dir, ether_method=method, ether_nb=2)
+    reports = inspect_json(tmp_path / ADAPTER_FILE, capsys, base_checkpoint_dir=checkpoint_dir)
+    assert rows_of(reports) == targeted(state)
+    base_state = torch.load(checkpoint_dir / "lit_model.pth", weights_only=True)
+    for r in reports:
+        w = base_state[f"{r['layer']}.weight"].double()[segment_rows(checkpoint_dir, r["segment"])]
+        side = "out" if r["segment"] is not None else "in"
+        h = dense_side(state, r["layer"], side, r["segment"], method)
+        w_new = h @ w if side == "out" else w @ h
+        assert (r["sides"], r["n_blocks"]) == (side, 2)
+        assert r[f"h_{side}_minus_i"] == pytest.approx((h - torch.eye(len(h))).norm().item(), rel=1e-5)
+        assert r["relative_change"] == pytest.approx(((w_new - w).norm() / w.norm()).item(), rel=1e-5)
+        assert r["he_after"] == pytest.approx(brute_force_he(w_new), rel=1e-5)
+        if side == "in":
+            same = r["he_after"] == pytest.approx(r["he_before"], rel=1e-5)
+            assert same if method == "oft" else not same
 
 
 @pytest.mark.parametrize("v_offset", [0.0, 1e-4])

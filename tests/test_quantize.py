@@ -36,7 +36,8 @@ def quantize_ether_linears(model: torch.nn.Module, quant_type: str) -> dict[str,
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("method", list(METHODS))
+# every method, each side once: the flipped OFT and Naive add nothing around a quantized layer that ether-flip does not
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("oft-flip", "naive-flip")])
 @pytest.mark.parametrize("family", ["llama-gqa", "neox-bias"])
 def test_ether_around_a_quantized_linear_matches_the_dense_reference(family, method, quant_type):
     twin = ether_model(family, method, "qkv", 2, ether_projection=True, ether_mlp=True, ether_head=True)

@@ -73,6 +73,20 @@ def test_resume_from_a_named_step_checkpoint(checkpoint_dir, dataset_path, tmp_p
     assert not (out_dir / "step-000007").exists() and (out_dir / "step-000008").is_dir()
 
 
+@pytest.mark.parametrize("method", ["oft", "naive"])
+def test_oft_and_naive_resume_to_the_adapter_of_an_uninterrupted_run(checkpoint_dir, dataset_path, tmp_path, method):
+    short = (*RUN[:1], "6", *RUN[2:], "--ether_method", method, "--optimizer.lr", "0.01")
+    whole = run_main(*finetune_args(checkpoint_dir, dataset_path, tmp_path / "whole", *short))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    step = tmp_path / "whole" / "step-000003"
+    resumed = run_main(
+        *finetune_args(checkpoint_dir, dataset_path, tmp_path / "resumed", *short, "--resume", str(step))
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming at step 3:" in resumed.stdout
+    assert_same_adapter(final_adapter(tmp_path / "resumed"), final_adapter(tmp_path / "whole"))
+
+
 KILL_DURING_SAVE = """
 import os, signal, sys, torch
 import litgpt_ether.finetune as finetune

@@ -1,0 +1,31 @@
+"""scripts/demo_study.py: the summary a README table is made from, and the commands its runs are made of."""
+
+import math
+
+import demo_study
+import pytest
+
+
+def test_summary_is_median_and_range_per_method_and_rate_with_failed_runs_as_zero():
+    runs = [
+        {"method": "ether", "lr": 0.01, "exact_match": em, "final_loss": loss}
+        for em, loss in [(0.8, 0.2), (0.6, 0.3), (math.nan, math.nan), (0.9, 0.1)]
+    ] + [{"method": "lora", "lr": 0.001, "exact_match": 0.5, "final_loss": 1.0}]
+    ether, lora = demo_study.summarize(runs)
+    assert (ether["method"], ether["lr"], ether["runs"]) == ("ether", 0.01, 4)
+    assert ether["median"] == pytest.approx(0.7) and (ether["min"], ether["max"]) == (0.0, 0.9)
+    assert (lora["median"], lora["min"], lora["max"], lora["runs"]) == (0.5, 0.5, 0.5, 1)
+
+
+@pytest.mark.parametrize("method", ["ether", "etherplus", "oft", "naive", "lora"])
+def test_every_run_trains_on_the_demo_with_its_seed_and_rate(method, tmp_path):
+    cmd = demo_study.train_command(method, 0.02, 7, tmp_path / "run")
+    assert "--seed=7" in cmd and f"--out_dir={tmp_path / 'run'}" in cmd
+    if method == "lora":  # litgpt's LoRA on the ETHER+ preset's targets, data and schedule
+        preset = demo_study.preset("etherplus")
+        assert cmd[:2] == ["litgpt", "finetune_lora"] and '"lr": 0.02' in cmd[-1]
+        assert f"--train.max_steps={preset['train']['max_steps']}" in cmd
+        assert f"--lora_mlp={str(preset['ether_mlp']).lower()}" in cmd
+    else:
+        assert cmd[:2] == ["litgpt_ether", "finetune"] and "--optimizer.lr=0.02" in cmd
+        assert cmd[cmd.index("--config") + 1].endswith(f"demo/{method}.yaml")
