@@ -3,8 +3,8 @@ min-max, because at the demo's learning rates rounding differences between machi
 
 Two studies, each writing one CSV row per run and one summary row per (method, learning rate):
 
-    python scripts/demo_study.py table --out_dir out/demo_table    # the README's demo table
-    python scripts/demo_study.py sweep --out_dir out/demo_sweep    # the learning-rate study (needs the demo extra)
+    python scripts/demo_study.py table     # the README's demo table
+    python scripts/demo_study.py sweep     # the learning-rate study (needs the demo extra, for its plot)
 
 ``table`` runs every method at its demo preset's rate (LoRA at litgpt's default rate and at ``--lora_best_lr``)
 over ``--seeds`` x ``--threads`` (default 5 x 2 = 10 runs each); ``sweep`` runs every method over a log grid of
@@ -87,17 +87,24 @@ def score(checkpoint_dir: Path) -> float:
 
 
 def run(method: str, lr: float, seed: int, threads: int, out_dir: Path) -> dict:
-    """Train one run in a fresh process with ``threads`` CPU threads, then score its merged output in another."""
+    """Train one run in a fresh process with ``threads`` CPU threads, then score its merged output in another.
+
+    A run is deterministic given its settings, so one already scored in ``out_dir`` (by the other study, say) is
+    read back instead of trained again.
+    """
     run_dir = out_dir / f"{method}-lr{lr:g}-seed{seed}-t{threads}"
-    log = run_dir.with_suffix(".log")
+    log, scored = out_dir / f"{run_dir.name}.log", run_dir / "exact_match.txt"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with open(log, "w") as f:
-        done = subprocess.run(train_command(method, lr, seed, run_dir), stdout=f, stderr=subprocess.STDOUT, env=env)
-    ok = done.returncode == 0 and (run_dir / "final" / "lit_model.pth").is_file()
-    if ok:
-        scored = subprocess.run([sys.executable, __file__, "score", str(run_dir / "final")], env=env,
-                                capture_output=True, text=True, check=True)  # fmt: skip
-    em = float(scored.stdout.split()[-1]) if ok else float("nan")
+    if not scored.is_file():
+        with open(log, "w") as f:
+            done = subprocess.run(train_command(method, lr, seed, run_dir), stdout=f, stderr=subprocess.STDOUT,
+                                  env=env)  # fmt: skip
+        if done.returncode == 0 and (run_dir / "final" / "lit_model.pth").is_file():
+            cmd = [sys.executable, __file__, "score", str(run_dir / "final")]
+            score_run = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            scored.write_text(score_run.stdout.split()[-1])
+    ok = scored.is_file()
+    em = float(scored.read_text()) if ok else float("nan")
     result = {"method": method, "lr": lr, "seed": seed, "threads": threads, "exact_match": em,
               "final_loss": final_loss(log) if ok else float("nan")}  # fmt: skip
     print(f"{method:9s} lr {lr:<7g} seed {seed} threads {threads}: exact match {em:6.1%}"
@@ -129,21 +136,22 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def study(out_dir: Path, plan: list[tuple[str, float, int, int]], jobs: int) -> list[dict]:
+def study(name: str, out_dir: Path, plan: list[tuple[str, float, int, int]], jobs: int) -> list[dict]:
     """Run every ``(method, lr, seed, threads)``, ``jobs`` at a time (each run's rounding depends on its thread
-    count, not on what else the machine runs); ``runs.csv`` and ``summary.csv`` are rewritten as runs finish."""
+    count, not on what else the machine runs); ``NAME.csv`` (every run) and ``NAME_summary.csv`` are rewritten as
+    runs finish."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for result in pool.map(lambda p: run(*p, out_dir), plan):
             results.append(result)
-            write_csv(results, out_dir / "runs.csv")
-            write_csv(summarize(results), out_dir / "summary.csv")
+            write_csv(results, out_dir / f"{name}.csv")
+            write_csv(summarize(results), out_dir / f"{name}_summary.csv")
     return summarize(results)
 
 
 def table(
-    out_dir: Path = Path("out/demo_table"),
+    out_dir: Path = Path("out/demo_study"),
     methods: tuple[str, ...] = ("ether", "etherplus", "oft", "naive", "lora"),
     seeds: tuple[int, ...] = (1, 2, 3, 4, 5),
     threads: tuple[int, ...] = (1, 2),
@@ -154,7 +162,7 @@ def table(
     over every seed and thread count.
 
     Arguments:
-        out_dir: Where the runs, ``runs.csv`` and ``summary.csv`` go.
+        out_dir: Where the runs, ``table.csv`` and ``table_summary.csv`` go.
         methods: Demo presets by name, and "lora".
         seeds: Training seeds.
         threads: CPU thread counts (``OMP_NUM_THREADS``).
@@ -165,13 +173,13 @@ def table(
     if "lora" in methods:
         rates["lora"] = [LORA_DEFAULT_LR] + ([lora_best_lr] if lora_best_lr is not None else [])
     plan = [(m, lr, s, t) for m in methods for lr in rates[m] for t in threads for s in seeds]
-    for r in study(out_dir, plan, jobs):
+    for r in study("table", out_dir, plan, jobs):
         print(f"{r['method']:9s} lr {r['lr']:<7g} median {r['median']:6.1%}  min {r['min']:6.1%}  max {r['max']:6.1%}"
               f"  ({r['runs']} runs)")  # fmt: skip
 
 
 def sweep(
-    out_dir: Path = Path("out/demo_sweep"),
+    out_dir: Path = Path("out/demo_study"),
     methods: tuple[str, ...] = ("ether", "etherplus", "oft", "naive", "lora"),
     lrs: tuple[float, ...] = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
     seeds: tuple[int, ...] = (1, 2, 3),
@@ -181,14 +189,14 @@ def sweep(
     """Every method at every learning rate over every seed; writes ``lr_sweep.png`` beside the CSVs.
 
     Arguments:
-        out_dir: Where the runs, the CSVs and the plot go.
+        out_dir: Where the runs, ``sweep.csv``, ``sweep_summary.csv`` and the plot go.
         methods: Demo presets by name, and "lora".
         lrs: The learning-rate grid.
         seeds: Training seeds per point.
         threads: CPU threads per run.
         jobs: Runs at a time.
     """
-    summary = study(out_dir, [(m, lr, s, threads) for m in methods for lr in lrs for s in seeds], jobs)
+    summary = study("sweep", out_dir, [(m, lr, s, threads) for m in methods for lr in lrs for s in seeds], jobs)
     plot(summary, out_dir / "lr_sweep.png", preset("etherplus")["train"]["max_steps"], len(seeds))
 
 
