@@ -124,7 +124,7 @@ def check_numbers(arguments: dict[str, Any]) -> None:
 # Files: what a verb will write must be writable before it spends any time.
 
 
-def check_output_dir(path: Path, what: str = "out_dir") -> None:
+def check_output_dir(path: Path) -> None:
     """``path`` is, or can be created as, a directory this process can write into; nothing is left behind.
 
     Tried for real (a temporary directory made and removed in the nearest existing ancestor) rather than with
@@ -134,14 +134,14 @@ def check_output_dir(path: Path, what: str = "out_dir") -> None:
     existing = path
     while not existing.exists():
         if existing.is_symlink():
-            raise ConfigError(f"{what} {str(path)!r}: {str(existing)!r} is a broken symbolic link")
+            raise ConfigError(f"out_dir {str(path)!r}: {str(existing)!r} is a broken symbolic link")
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigError(f"{what} {str(path)!r} cannot be a directory: {str(existing)!r} is a file")
+        raise ConfigError(f"out_dir {str(path)!r} cannot be a directory: {str(existing)!r} is a file")
     try:
         os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".litgpt_ether-write-test-"))
     except OSError as err:
-        raise ConfigError(f"{what} {str(path)!r} is not writable ({err.strerror}: {str(existing)!r})") from None
+        raise ConfigError(f"out_dir {str(path)!r} is not writable ({err.strerror}: {str(existing)!r})") from None
 
 
 # litgpt's choices: ``litgpt finetune_lora --quantize`` and ``litgpt generate --quantize``

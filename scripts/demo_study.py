@@ -157,6 +157,7 @@ def table(
     threads: tuple[int, ...] = (1, 2),
     lora_best_lr: float | None = None,
     jobs: int = 1,
+    name: str = "table",
 ) -> None:
     """Each method at its demo preset's learning rate (LoRA at litgpt's default, and at ``lora_best_lr`` if given),
     over every seed and thread count.
@@ -168,14 +169,15 @@ def table(
         threads: CPU thread counts (``OMP_NUM_THREADS``).
         lora_best_lr: LoRA's best rate from the sweep, run in addition to its default.
         jobs: Runs at a time.
+        name: The CSVs' name (``NAME.csv``, ``NAME_summary.csv``), to keep tables of other methods or seeds apart.
     """
     rates = {m: [preset(m)["optimizer"]["init_args"]["lr"]] for m in methods if m != "lora"}
     if "lora" in methods:
         rates["lora"] = [LORA_DEFAULT_LR] + ([lora_best_lr] if lora_best_lr is not None else [])
     plan = [(m, lr, s, t) for m in methods for lr in rates[m] for t in threads for s in seeds]
-    for r in study("table", out_dir, plan, jobs):
-        print(f"{r['method']:9s} lr {r['lr']:<7g} median {r['median']:6.1%}  min {r['min']:6.1%}  max {r['max']:6.1%}"
-              f"  ({r['runs']} runs)")  # fmt: skip
+    print("| method | learning rate | runs | median | min - max |\n|---|---|---|---|---|")
+    for r in study(name, out_dir, plan, jobs):
+        print(f"| {r['method']} | {r['lr']:g} | {r['runs']} | {r['median']:.1%} | {r['min']:.1%} - {r['max']:.1%} |")
 
 
 def sweep(
@@ -197,6 +199,11 @@ def sweep(
         jobs: Runs at a time.
     """
     summary = study("sweep", out_dir, [(m, lr, s, threads) for m in methods for lr in lrs for s in seeds], jobs)
+    print(f"| learning rate | {' | '.join(f'{lr:g}' for lr in lrs)} |\n|---{'|---' * len(lrs)}|")
+    for method in methods:
+        cells = {r["lr"]: r for r in summary if r["method"] == method}
+        print(f"| {method} | " + " | ".join(f"{cells[lr]['median']:.1%} ({cells[lr]['min']:.0%}-{cells[lr]['max']:.0%})"
+                                             for lr in lrs) + " |")  # fmt: skip
     plot(summary, out_dir / "lr_sweep.png", preset("etherplus")["train"]["max_steps"], len(seeds))
 
 

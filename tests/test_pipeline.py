@@ -7,6 +7,8 @@ import pytest
 from conftest import finetune_args, run_cli, run_main
 
 TASKS = Path(__file__).parent / "lm_eval_tasks"
+# one greedy prompt, answered alike by a merged checkpoint and by its adapter applied on the fly
+GREEDY = ("--prompt", "reverse red green blue", "--temperature", "0", "--max_new_tokens", "4", "--precision", "32-true")
 
 
 def test_finetune_merge_generate_evaluate(finetune_out, tmp_path):
@@ -15,18 +17,8 @@ def test_finetune_merge_generate_evaluate(finetune_out, tmp_path):
     result = run_cli("merge", str(finetune_out / "step-000020"), "--out_dir", str(merged))
     assert result.returncode == 0, result.stderr[-2000:]
 
-    prompt = [
-        "--prompt",
-        "reverse red green blue",
-        "--temperature",
-        "0",
-        "--max_new_tokens",
-        "4",
-        "--precision",
-        "32-true",
-    ]
-    from_merged = run_cli("generate", str(merged), *prompt)
-    from_adapter = run_cli("generate", str(finetune_out / "step-000020"), *prompt)
+    from_merged = run_cli("generate", str(merged), *GREEDY)
+    from_adapter = run_cli("generate", str(finetune_out / "step-000020"), *GREEDY)
     assert from_merged.returncode == 0 and from_adapter.returncode == 0, from_merged.stderr[-2000:]
     assert "### Response:" in from_merged.stdout  # the saved Alpaca prompt style came along with the merge
     assert from_merged.stdout == from_adapter.stdout
@@ -52,18 +44,8 @@ def test_every_verb_works_on_oft_and_naive_outputs(checkpoint_dir, dataset_path,
     step = out_dir / "step-000010"
     assert run_main("merge", str(step), "--out_dir", str(tmp_path / "merged")).returncode == 0
 
-    prompt = [
-        "--prompt",
-        "reverse red green blue",
-        "--temperature",
-        "0",
-        "--max_new_tokens",
-        "4",
-        "--precision",
-        "32-true",
-    ]
-    from_merged = run_main("generate", str(tmp_path / "merged"), *prompt)
-    from_adapter = run_main("generate", str(step), *prompt)  # applied on the fly
+    from_merged = run_main("generate", str(tmp_path / "merged"), *GREEDY)
+    from_adapter = run_main("generate", str(step), *GREEDY)  # applied on the fly
     assert from_merged.returncode == 0 and from_merged.stdout == from_adapter.stdout, from_merged.stderr[-2000:]
 
     chat = run_cli("chat", str(out_dir), "--temperature", "0", "--max_new_tokens", "4", input="reverse red green\n")
