@@ -1,6 +1,7 @@
 """The ``litgpt_ether`` command line: one subcommand per verb, parsed by jsonargparse as litgpt does."""
 
 import inspect
+import json
 import os
 import re
 import sys
@@ -21,6 +22,7 @@ from litgpt_ether.finetune import setup as finetune_fn
 from litgpt_ether.generate import main as generate_fn
 from litgpt_ether.inspect import inspect as inspect_fn
 from litgpt_ether.merge import merge as merge_fn
+from litgpt_ether.serve import main as serve_fn
 
 COMMANDS = {
     "finetune": finetune_fn,
@@ -29,6 +31,7 @@ COMMANDS = {
     "chat": chat_fn,
     "evaluate": evaluate_fn,
     "inspect": inspect_fn,
+    "serve": serve_fn,
 }
 
 
@@ -71,6 +74,22 @@ def reset_before_whole_optimizer(args: list[str]) -> list[str]:
             out[at:at] = ["--optimizer", "AdamW"]
         out.append(arg)
     return out
+
+
+def adapters_as_list(args: list[str]) -> list[str]:
+    """``serve --adapters a=x b=y`` (as the README writes it) to the one list value jsonargparse parses.
+
+    Every word after ``--adapters`` up to the next option is an adapter; ``--adapters '[a=x, b=y]'`` and a list in a
+    config file work as they are.
+    """
+    if not args or args[0] != "serve" or "--adapters" not in args:
+        return args
+    at = args.index("--adapters")
+    end = next((i for i in range(at + 1, len(args)) if args[i].startswith("--")), len(args))
+    words = args[at + 1 : end]
+    if len(words) == 1 and words[0].lstrip().startswith("["):
+        return args
+    return [*args[: at + 1], json.dumps(words), *args[end:]]
 
 
 def configs_first(args: list[str]) -> list[str]:
@@ -135,7 +154,7 @@ def main() -> None:
     )
     torch.set_float32_matmul_precision("high")
     # in place: finetune re-parses sys.argv to save its hyperparameters
-    sys.argv[1:] = reset_before_whole_optimizer(configs_first(sys.argv[1:]))
+    sys.argv[1:] = reset_before_whole_optimizer(configs_first(adapters_as_list(sys.argv[1:])))
     try:
         # exit_on_error=False: jsonargparse raises instead of printing its usage block and exiting
         CLI(COMMANDS, exit_on_error=False, parser_class=Parser)

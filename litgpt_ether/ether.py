@@ -108,12 +108,25 @@ class Config(BaseConfig):
 # A side's reflection is given by ``units`` of shape ``(n, j, k)`` (``j`` unit vectors per block: 1 for ETHER,
 # 2 for ETHER+) and one coefficient per vector: ``H = blockdiag_i(I + sum_j c_j w_ij w_ijᵀ)``. Stacking the
 # vectors lets every pass over the activations serve all of them: two batched matmuls per side.
+#
+# ``units`` may carry leading dims, ``(..., n, j, k)``, that broadcast against ``z``'s: ``(B, 1, n, j, k)`` gives
+# every row of a batch its own reflection (``litgpt_ether serve``, one adapter per request).
+
+
+def _per_row(units: torch.Tensor, pattern: str) -> str:
+    """The einsum ``pattern`` (written for shared ``(n, j, k)`` units) with a leading ``...`` on ``units`` when they
+    carry batch dims; the shared form stays the plain pattern, which is the faster one on CPU."""
+    if units.dim() == 3:
+        return pattern
+    inputs, output = pattern.split("->")
+    a, b = inputs.split(",")
+    return f"{a},...{b}->{output if output.startswith('...') else '...' + output}"
 
 
 def _dots(z: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
     """``z_b · w_bj`` for every block ``b`` and vector ``j``: ``(..., n*k) -> (..., n, j)``."""
-    n, _, k = units.shape
-    return torch.einsum("...nk,njk->...nj", z.reshape(*z.shape[:-1], n, k), units)
+    n, _, k = units.shape[-3:]
+    return torch.einsum(_per_row(units, "...nk,njk->...nj"), z.reshape(*z.shape[:-1], n, k), units)
 
 
 def _scale(dots: torch.Tensor, coefs: tuple[float, ...]) -> torch.Tensor:
@@ -126,11 +139,24 @@ def reflect(z: torch.Tensor, units: torch.Tensor, coefs: tuple[float, ...]) -> t
     ``H`` is symmetric, so this is also ``H z`` for column vectors. All dot products use the original ``z``,
     which is what makes ETHER+'s two hyperplanes one matrix.
     """
-    n, j, k = units.shape
+    n, j, k = units.shape[-3:]
+    if units.dim() == 5 and z.dim() == 3:  # a set per batch row, (B, 1, n, j, k): the same sums as batched matmuls
+        return _reflect_rows(z, units[:, 0], coefs)
     scaled = _scale(_dots(z, units), coefs)  # (..., n, j)
     # one vector (ETHER): a broadcast outer product; a matmul with an inner size of 1 is much slower on CPU
-    update = scaled * units[:, 0] if j == 1 else torch.einsum("...nj,njk->...nk", scaled, units)
+    update = scaled * units[..., 0, :] if j == 1 else torch.einsum(_per_row(units, "...nj,njk->...nk"), scaled, units)
     return (z.reshape(*z.shape[:-1], n, k) + update).reshape(z.shape)
+
+
+def _reflect_rows(z: torch.Tensor, units: torch.Tensor, coefs: tuple[float, ...]) -> torch.Tensor:
+    """``reflect`` for ``z`` of shape ``(B, T, n*k)`` and one set of ``units`` per row, ``(B, n, j, k)``: blocks as
+    the batch of two matmuls, ``(B, n, T, k) x (B, n, k, j)`` and back, which runs faster than the broadcast einsum
+    (decoding: ``T = 1``, many rows)."""
+    batch, tokens, _ = z.shape
+    n, _, k = units.shape[-3:]
+    blocks = z.reshape(batch, tokens, n, k).transpose(1, 2)  # (B, n, T, k)
+    scaled = _scale(blocks @ units.mT, coefs)  # (B, n, T, j)
+    return (blocks + scaled @ units).transpose(1, 2).reshape(z.shape)
 
 
 def _units_grad(z: torch.Tensor, g: torch.Tensor, units: torch.Tensor, coefs: tuple[float, ...]) -> torch.Tensor:
@@ -147,23 +173,25 @@ def _units_grad(z: torch.Tensor, g: torch.Tensor, units: torch.Tensor, coefs: tu
 def weight_units(
     linear: nn.Module, rows: Sequence[tuple[int, int]], units: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """``W_b w_bj`` for each pair of row range ``a:b`` of a linear's weight and ``(n, j, k)`` units: ``(b - a, n*j)``.
+    """``W_b w_bj`` for each pair of row range ``a:b`` of a linear's weight and ``(..., n, j, k)`` units:
+    ``(..., b - a, n*j)``.
 
-    A float weight is read once per pair (``O(f·d·j)``). A quantized one (bitsandbytes) is only ever multiplied
-    through its own layer, once for all pairs, with the block-padded vectors as a batch: never dequantized for
-    ETHER's sake.
+    A float weight is read once per pair (``O(f·d·j)`` per set of units). A quantized one (bitsandbytes) is only ever
+    multiplied through its own layer, once for all pairs, with the block-padded vectors as a batch: never dequantized
+    for ETHER's sake.
     """
     weight = linear.weight
     if weight.dtype.is_floating_point:
-        return [torch.einsum("fnk,njk->fnj", weight[a:b].reshape(b - a, *u.shape[::2]), u).flatten(1)
-                for (a, b), u in zip(rows, units)]  # fmt: skip
+        return [torch.einsum(_per_row(u, "fnk,njk->fnj"), weight[a:b].reshape(b - a, u.shape[-3], u.shape[-1]), u)
+                .flatten(-2) for (a, b), u in zip(rows, units)]  # fmt: skip
     padded = []
-    for u in units:  # vector (b, j) in block b, zeros elsewhere
-        n, j, k = u.shape
+    for u in units:  # vector (b, j) in block b, zeros elsewhere: (..., n*j, n*k), flattened to rows
+        n, j, k = u.shape[-3:]
         eye = torch.eye(n, dtype=u.dtype, device=u.device)
-        padded.append(torch.einsum("nm,njk->njmk", eye, u).reshape(n * j, n * k))
+        padded.append(torch.einsum(_per_row(u, "nm,njk->njmk"), eye, u).reshape(-1, n * k))
     out = linear(torch.cat(padded)).to(units[0].dtype)
-    return [o[:, a:b].T for o, (a, b) in zip(out.split([p.shape[0] for p in padded]), rows)]
+    return [o.reshape(*u.shape[:-3], -1, o.shape[-1])[..., a:b].mT
+            for o, u, (a, b) in zip(out.split([p.shape[0] for p in padded]), units, rows)]  # fmt: skip
 
 
 def reflect_through(x: torch.Tensor, units: torch.Tensor, coefs: tuple[float, ...], proj: torch.Tensor) -> torch.Tensor:
@@ -173,7 +201,27 @@ def reflect_through(x: torch.Tensor, units: torch.Tensor, coefs: tuple[float, ..
     Used where one matmul serves several input reflections (the fused QKV): ``x H Wᵀ = x Wᵀ +
     sum_j c_j (x_b · w_j) (W_b w_j)ᵀ``, so only cheap matrix-vector products touch ``W``.
     """
-    return _scale(_dots(x, units), coefs).flatten(-2) @ proj.T
+    dots = _scale(_dots(x, units), coefs).flatten(-2)
+    return dots @ proj.T if proj.dim() == 2 else torch.einsum("...m,...fm->...f", dots, proj)
+
+
+def _reflect_slices_(
+    z: torch.Tensor, bias: torch.Tensor | None, slices: Sequence[tuple[int, int]], coefs: tuple[float, ...],
+    units: Sequence[torch.Tensor], extras: Sequence[torch.Tensor | None], keep_inputs: bool,
+) -> list[torch.Tensor]:  # fmt: skip
+    """In place: ``z[..., a:b] <- (z[..., a:b] + extra) @ H`` per slice, then ``+ bias``; returns the reflected slices'
+    inputs if ``keep_inputs`` (for a backward that cannot recompute them)."""
+    inputs = []
+    for (a, b), w, extra in zip(slices, units, extras):
+        z_s = z[..., a:b]
+        if extra is not None:
+            z_s.add_(extra)
+        if keep_inputs:
+            inputs.append(z_s.clone())
+        z_s.copy_(reflect(z_s, w, coefs))
+    if bias is not None:
+        z.add_(bias)
+    return inputs
 
 
 class _ReflectOutputs(torch.autograd.Function):
@@ -191,16 +239,7 @@ class _ReflectOutputs(torch.autograd.Function):
         # ``tensors``: the units of each slice, then the additive input to each slice (or None)
         units, extras = tensors[: len(slices)], tensors[len(slices) :]
         self_inverse = coefs == (-2.0,)
-        inputs = []
-        for (a, b), w, extra in zip(slices, units, extras):
-            z_s = z[..., a:b]
-            if extra is not None:
-                z_s.add_(extra)
-            if not self_inverse:
-                inputs.append(z_s.clone())
-            z_s.copy_(reflect(z_s, w, coefs))
-        if bias is not None:
-            z.add_(bias)
+        inputs = _reflect_slices_(z, bias, slices, coefs, units, extras, keep_inputs=not self_inverse)
         ctx.mark_dirty(z)
         ctx.slices, ctx.coefs, ctx.self_inverse = slices, coefs, self_inverse
         ctx.has_extra = [e is not None for e in extras]
@@ -237,6 +276,9 @@ def reflect_outputs(
     coefs = reflections[0].coefs
     units = [r.units(z.dtype) for r in reflections]
     extras = list(extras) if extras is not None else [None] * len(slices)
+    if not torch.is_grad_enabled():  # inference (generate, chat, serve): nothing to save for a backward
+        _reflect_slices_(z, bias, slices, coefs, units, extras, keep_inputs=False)
+        return z
     return _ReflectOutputs.apply(z, bias, tuple(slices), coefs, *units, *extras)
 
 
@@ -331,7 +373,7 @@ def transform_outputs(
     Reflections go in place (``reflect_outputs``: no activation saved for ETHER); OFT and Naive blocks through
     autograd, out of place.
     """
-    if isinstance(transforms[0], Reflection):
+    if not isinstance(transforms[0], BlockMatrix):  # reflections, or serve's tables of them
         return reflect_outputs(z, bias, slices, transforms, extras)
     pieces, end = [], 0
     for (a, b), transform in zip(slices, transforms):

@@ -24,6 +24,12 @@ Every variant targets q and v only (the paper's instruction-tuning setup). Three
       python scripts/benchmark.py generate --model Llama-2-7b-hf
       python scripts/benchmark.py generate --model pythia-14m --device cpu
 
+- ``serve``: decoding tokens/s of ``litgpt_ether serve``'s engine with K adapters mixed in each batch, against one
+  merged model at the same batch size (default: the demo model on the CPU, K in 1, 8, 64, batch 64)::
+
+      python scripts/benchmark.py serve
+      python scripts/benchmark.py serve --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --device cuda
+
 Variants: ``frozen`` (every parameter frozen, but the embedding output requires grad so backward runs
 through every layer: the floor), ``lora-r8`` (litgpt's LoRA, r=8, alpha=16), ``reference-ether-n{1,4,32}``,
 ``reference-etherplus-n{1,4,32}`` and ``reference-oft-n{4,32}`` (the reference code's weight-side form, written
@@ -47,6 +53,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import litgpt.lora
@@ -631,7 +638,108 @@ def generate_cmd(
     return result
 
 
-COMMANDS: dict[str, Callable[..., Any]] = {"flops": flops, "time": time_cmd, "generate": generate_cmd}
+def random_checkpoint(name: str, directory: Path, dtype: torch.dtype) -> Path:
+    """A litgpt checkpoint directory (config and random weights, in ``dtype``) for a config name; reused if there."""
+    from litgpt.utils import save_config
+
+    if not (directory / "lit_model.pth").is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        config = make_config(BaseConfig, name)
+        torch.manual_seed(0)
+        with torch.device("cpu"):
+            model = litgpt.model.GPT(config).to(dtype)
+        torch.save(model.state_dict(), directory / "lit_model.pth")
+        save_config(config, directory)
+    return directory
+
+
+def serve_cmd(
+    checkpoint_dir: str = "demo/base",
+    device: str = "cpu",
+    batch_size: int = 64,
+    adapters: tuple[int, ...] = (1, 8, 64),
+    prompt_len: int = 32,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    json: bool = False,
+) -> list[dict[str, Any]]:
+    """Decoding tokens/s of ``litgpt_ether serve``'s batch engine with K adapters mixed in each batch, against one
+    merged model alone (the base model's cost) at the same batch size.
+
+    The adapters are two-sided ETHER+ on every linear of the blocks, n = 4 (the demo preset's kind), with random
+    vectors; request ``i`` of a batch uses adapter ``i mod K``. Every request decodes ``new_tokens`` greedily (no
+    stop tokens), through the same engine (``litgpt_ether.serve.decode``) for both models.
+
+    Arguments:
+        checkpoint_dir: A base litgpt checkpoint directory (default: the demo's model), or a litgpt config name
+            (random weights, written once to ``checkpoints/random/NAME``).
+        device: "cpu" (fp32) or "cuda" (bf16).
+        batch_size: Requests decoded together.
+        adapters: The numbers of adapters K to mix per batch (each at most ``batch_size``).
+        prompt_len: Prompt tokens per request (random tokens).
+        new_tokens: Generated tokens per request.
+        repeats: Runs per model, interleaved; the best is reported.
+        json: Print JSON lines instead of a table.
+    """
+    from litgpt.prompts import Alpaca
+
+    from litgpt_ether.serve import Adapter, Request, Rows, build_model, decode
+
+    dev, dtype = resolve_device(device)
+    base_dir = Path(checkpoint_dir)
+    if not base_dir.is_dir():  # a litgpt config name: a random-weight checkpoint written once, here
+        base_dir = random_checkpoint(checkpoint_dir, Path("checkpoints/random") / checkpoint_dir, dtype)
+    fields = dict(ether_method="etherplus", ether_nb=4, ether_query=True, ether_key=True, ether_value=True,
+                  ether_projection=True, ether_mlp=True)  # fmt: skip
+    config = ether.Config.from_file(base_dir / "model_config.yaml", **fields)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in ether.ether_state_dict(ether.GPT(config)).items()}
+    generator = torch.Generator().manual_seed(0)
+    states = [{k: torch.randn(s, generator=generator) for k, s in shapes.items()} for _ in range(max(adapters))]
+    pool = [Adapter(f"a{i}", base_dir, config.ether_args(), state, Alpaca()) for i, state in enumerate(states)]
+    prompts = torch.randint(0, config.vocab_size, (batch_size, prompt_len), generator=generator)
+
+    def rate(model: nn.Module, rows: Rows, k: int) -> float:
+        requests = [Request(1 + i % k, prompts[i].to(dev), new_tokens, 0.0, None, 1.0, ()) for i in range(batch_size)]
+        for _ in decode(model, rows, requests[:2]):  # warm-up
+            pass
+        sync(dev)
+        t0 = time.perf_counter()
+        for _ in decode(model, rows, requests):
+            pass
+        sync(dev)
+        return batch_size * new_tokens / (time.perf_counter() - t0)
+
+    single_rows = Rows()
+    tuned = build_model(base_dir, pool[:1], single_rows)  # one adapter, merged: a plain litgpt model
+    merged = ether.merge_ether(tuned).to(device=dev, dtype=dtype)
+    results = []
+    for k in adapters:
+        rows = Rows()
+        mixed = build_model(base_dir, pool[:k], rows).to(device=dev, dtype=dtype)
+        best = {"merged": 0.0, "mixed": 0.0}
+        for _ in range(repeats):  # interleaved: background load must not decide which looks faster
+            best["merged"] = max(best["merged"], rate(merged, single_rows, 1))
+            best["mixed"] = max(best["mixed"], rate(mixed, rows, k))
+        result = {"checkpoint_dir": str(base_dir), "device": dev.type, "batch_size": batch_size, "adapters": k,
+                  "prompt_len": prompt_len, "new_tokens": new_tokens, "merged_tokens_per_s": best["merged"],
+                  "mixed_tokens_per_s": best["mixed"], "ratio": best["mixed"] / best["merged"]}  # fmt: skip
+        results.append(result)
+        if json:
+            print(jsonlib.dumps(result), flush=True)
+        else:
+            print(f"K = {k:3d} adapters in a batch of {batch_size}: {best['mixed']:9.1f} tokens/s, one merged model"
+                  f" {best['merged']:9.1f} tokens/s ({result['ratio']:.2f} x)", flush=True)  # fmt: skip
+        del mixed
+    return results
+
+
+COMMANDS: dict[str, Callable[..., Any]] = {
+    "flops": flops,
+    "time": time_cmd,
+    "generate": generate_cmd,
+    "serve": serve_cmd,
+}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -641,8 +749,18 @@ def parser() -> argparse.ArgumentParser:
     commands = {name: sub.add_parser(name, help=fn.__doc__.split("\n")[0]) for name, fn in COMMANDS.items()}
     for name, sp in commands.items():
         default = {arg: par.default for arg, par in inspect.signature(COMMANDS[name]).parameters.items()}.get
-        sp.add_argument("--model", default=default("model"), help="a litgpt config name")
         sp.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+        if name == "serve":
+            sp.add_argument(
+                "--checkpoint_dir", default=default("checkpoint_dir"), help="a checkpoint dir or config name"
+            )
+            sp.add_argument("--device", choices=["cuda", "cpu"], default=default("device"))
+            sp.add_argument("--batch_size", type=int, default=default("batch_size"))
+            sp.add_argument("--adapters", type=int, nargs="+", default=default("adapters"), help="values of K")
+            for arg in ("prompt_len", "new_tokens", "repeats"):
+                sp.add_argument(f"--{arg}", type=int, default=default(arg))
+            continue
+        sp.add_argument("--model", default=default("model"), help="a litgpt config name")
         if name in ("flops", "time"):
             sp.add_argument("--micro_batch_size", type=int, default=default("micro_batch_size"))
             sp.add_argument("--seq_len", type=int, default=default("seq_len"))

@@ -182,6 +182,16 @@ def test_generate_cpu(capsys):
     assert row["merged_params"] == row["base_params"]
 
 
+def test_serve_cpu(capsys, checkpoint_dir):
+    """The serve mode decodes K mixed adapters and one merged model with the same engine, for every K asked."""
+    rows = run_json(capsys, "serve", "--checkpoint_dir", str(checkpoint_dir), "--adapters", "1", "3", "--batch_size",
+                    "3", "--prompt_len", "4", "--new_tokens", "3", "--repeats", "1", "--json")  # fmt: skip
+    assert [r["adapters"] for r in rows] == [1, 3]
+    for row in rows:
+        assert row["mixed_tokens_per_s"] > 0 and row["merged_tokens_per_s"] > 0
+        assert row["ratio"] == pytest.approx(row["mixed_tokens_per_s"] / row["merged_tokens_per_s"])
+
+
 def test_time_cpu_quantized(capsys):
     """``--quantize``: lora-r8 becomes QLoRA; the reference variants, which need the weight itself, are skipped."""
     pytest.importorskip("bitsandbytes", reason="the quant extra installs bitsandbytes")

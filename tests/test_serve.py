@@ -1,0 +1,340 @@
+"""``litgpt_ether serve``: many adapters in one batch give what each adapter's merged model gives alone.
+
+The decoding tests run the batch engine in this process; the HTTP tests start the real server (a subprocess on
+127.0.0.1) and talk to it with the ``openai`` client and ``httpx``.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import litgpt.config
+import litgpt.model
+import pytest
+import torch
+from conftest import FAMILIES, run_main
+from litgpt.generate.base import generate_fn
+from litgpt.prompts import Alpaca, save_prompt_style
+from litgpt.tokenizer import Tokenizer
+from litgpt.utils import save_config
+from make_tiny import make_checkpoint
+
+from litgpt_ether.__main__ import adapters_as_list
+from litgpt_ether.checkpoint import load_model, resolve, save_adapter
+from litgpt_ether.ether import (
+    GPT,
+    Config,
+    ether_state_dict,
+    load_base_checkpoint,
+    merge_ether,
+    reflect,
+    reflect_through,
+    weight_units,
+)
+from litgpt_ether.serve import Request, Rows, build_model, decode, load_adapters
+
+# Every kind of adapter the server mixes: methods, sides, block counts (1, 2, 4: a table of gcd 1) and targets
+ADAPTERS = {
+    "ether-qv-n2": dict(ether_method="ether", ether_nb=2, ether_query=True, ether_value=True),
+    "plus-two-sided-n4": dict(ether_method="etherplus", ether_nb=4, ether_query=True, ether_key=True,
+                              ether_value=True, ether_projection=True, ether_mlp=True),
+    "ether-flip-n1": dict(ether_method="ether", ether_nb=1, ether_flip_side=True, ether_projection=True,
+                          ether_mlp=True),
+    "plus-one-sided-n1": dict(ether_method="etherplus", ether_one_sided=True, ether_nb=1, ether_key=True,
+                              ether_head=True),
+}  # fmt: skip
+PROMPTS = ["reverse red green blue", "reverse gold pink cyan red green"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The per-row math against H built explicitly
+
+
+def dense_h(units: torch.Tensor, coefs: tuple[float, ...]) -> torch.Tensor:
+    """``blockdiag_b(I + sum_j c_j w_bj w_bjᵀ)`` for one row's ``(n, j, k)`` units."""
+    blocks = [torch.eye(u.shape[-1]) + sum(c * torch.outer(w, w) for c, w in zip(coefs, u)) for u in units]
+    return torch.block_diag(*blocks)
+
+
+class Int8Linear(torch.nn.Module):
+    """A linear whose weight is not floating point, as bitsandbytes' are: only its forward may touch it."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.scale = weight.abs().max() / 127
+        self.weight = torch.round(weight / self.scale).to(torch.int8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ (self.weight.float() * self.scale).T
+
+
+@pytest.mark.parametrize("coefs", [(-2.0,), (-1.0, 1.0), (-1.0, 1.0, -1.0, 1.0)])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_per_row_reflections_equal_each_rows_dense_h(coefs, tokens):
+    rows, n, k, out = 3, 2, 4, 6
+    units = torch.nn.functional.normalize(torch.randn(rows, n, len(coefs), k), dim=-1)
+    x = torch.randn(rows, tokens, n * k)
+    dense = torch.stack([x[b] @ dense_h(units[b], coefs) for b in range(rows)])
+    torch.testing.assert_close(reflect(x, units[:, None], coefs), dense)
+    weight = torch.randn(out, n * k)
+    for linear in (torch.nn.Linear(n * k, out, bias=False), Int8Linear(weight)):
+        if isinstance(linear, torch.nn.Linear):
+            linear.weight.data = weight
+        w = weight if isinstance(linear, torch.nn.Linear) else linear.weight.float() * linear.scale
+        (proj,) = weight_units(linear, [(0, out)], [units[:, None]])
+        correction = torch.stack([(dense[b] - x[b]) @ w.T for b in range(rows)])  # x H Wᵀ - x Wᵀ, row by row
+        torch.testing.assert_close(reflect_through(x, units[:, None], coefs, proj), correction)
+
+
+def family_base(directory: Path, family: str) -> Path:
+    """A random-weight base checkpoint of ``family``, with the tiny tokenizer (its vocabulary fits 64)."""
+    make_checkpoint(directory)
+    config = litgpt.config.Config(**{**FAMILIES[family], "block_size": 128, "vocab_size": 64,
+                                     "padded_vocab_size": 64}, name=f"tiny-{family}")  # fmt: skip
+    torch.manual_seed(1)
+    torch.save(litgpt.model.GPT(config).state_dict(), directory / "lit_model.pth")
+    save_config(config, directory)
+    save_prompt_style(Alpaca(), directory)  # the base answers in the adapters' format too
+    return directory
+
+
+def make_adapter(base: Path, out_dir: Path, seed: int, **ether_args) -> Path:
+    """An adapter far from the identity (vectors drawn at random, ETHER+'s ``v`` independent of ``u``)."""
+    config = Config.from_file(base / "model_config.yaml", **ether_args)
+    model = GPT(config)
+    generator = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(v.shape, generator=generator) for k, v in ether_state_dict(model).items()}
+    out_dir.mkdir(parents=True)
+    save_adapter(out_dir / "lit_model.pth.ether", state, config)
+    save_prompt_style(Alpaca(), out_dir)
+    return out_dir
+
+
+def merged(base: Path, adapter: Path | None) -> litgpt.model.GPT:
+    """The adapter folded into the base weights (or the base alone): what ``litgpt_ether merge`` writes."""
+    if adapter is None:
+        model = litgpt.model.GPT(litgpt.config.Config.from_file(base / "model_config.yaml"))
+        load_base_checkpoint(model, base / "lit_model.pth")
+        return model.eval()
+    return merge_ether(load_model(resolve(adapter / "lit_model.pth.ether", base_checkpoint_dir=base))).eval()
+
+
+def alone(model: litgpt.model.GPT, request: Request) -> list[int]:
+    """litgpt's own generation with a batch of one: what ``litgpt_ether generate`` returns."""
+    model.max_seq_length = request.prompt.numel() + request.max_new_tokens
+    model.set_kv_cache(batch_size=1)
+    out = generate_fn(model, request.prompt, model.max_seq_length, temperature=request.temperature,
+                      top_k=request.top_k, top_p=request.top_p, stop_tokens=request.stop_tokens,
+                      include_prompt=False, include_eos=False)  # fmt: skip
+    tokens = [int(t) for chunk in out for t in chunk.reshape(-1)]
+    model.clear_kv_cache()
+    return tokens
+
+
+def served(model: GPT, rows: Rows, requests: list[Request]) -> list[list[int]]:
+    tokens: list[list[int]] = [[] for _ in requests]
+    for news in decode(model, rows, requests):
+        for i, new in enumerate(news):
+            tokens[i] += new
+    return tokens
+
+
+def requests_for(base: Path, names: list[str], **sampling) -> list[Request]:
+    """Every adapter (row 1..) and the base (row 0) on every prompt, interleaved."""
+    tokenizer, style = Tokenizer(base), Alpaca()
+    options = dict(max_new_tokens=6, temperature=0.0, top_k=None, top_p=1.0) | sampling
+    return [Request(row, tokenizer.encode(style.apply(p)), stop_tokens=style.stop_tokens(tokenizer), **options)
+            for p in PROMPTS for row in range(len(names) + 1)]  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["llama-gqa", "neox-bias", "gemma-mqa"])
+def served_family(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    base = family_base(directory / "base", request.param)
+    adapters = {name: make_adapter(base, directory / name, seed, **args)
+                for seed, (name, args) in enumerate(ADAPTERS.items())}  # fmt: skip
+    rows = Rows()
+    model = build_model(base, load_adapters(base, [f"{n}={p}" for n, p in adapters.items()]), rows)
+    return base, adapters, model, rows
+
+
+def test_a_mixed_batch_gives_each_request_what_its_merged_model_gives_alone(served_family):
+    base, adapters, model, rows = served_family
+    requests = requests_for(base, list(adapters))
+    mixed = served(model, rows, requests)
+    paths = [None, *adapters.values()]
+    references = {row: merged(base, path) for row, path in enumerate(paths)}
+    expected = [alone(references[r.row], r) for r in requests]
+    assert mixed == expected
+    assert sum(len(t) for t in expected) > len(requests)  # not all empty: the comparison has content
+    assert len({tuple(t) for t in expected}) > len(PROMPTS)  # the adapters change the answers
+    assert mixed == [served(model, rows, [r])[0] for r in requests]  # one by one, through the server's engine
+
+
+def test_sampled_rows_decode_from_their_own_adapter(served_family):
+    base, adapters, model, rows = served_family
+    greedy = served(model, rows, requests_for(base, list(adapters)))
+    # top_k = 1 samples the most probable token: a row that sampled another row's logits would differ
+    assert served(model, rows, requests_for(base, list(adapters), temperature=1.0, top_k=1)) == greedy
+    torch.manual_seed(0)
+    sampled = served(model, rows, requests_for(base, list(adapters), temperature=1.5, max_new_tokens=5))
+    assert all(len(t) <= 5 for t in sampled) and sampled != greedy
+
+
+def test_cli_argument_forms_of_adapters():
+    assert adapters_as_list(["serve", "b", "--adapters", "x=1", "y=2", "--port", "9"]) == [
+        "serve", "b", "--adapters", '["x=1", "y=2"]', "--port", "9"]  # fmt: skip
+    assert adapters_as_list(["serve", "b", "--adapters", "[x=1]"]) == ["serve", "b", "--adapters", "[x=1]"]
+    assert adapters_as_list(["generate", "--adapters", "x=1", "y=2"]) == ["generate", "--adapters", "x=1", "y=2"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Refused at startup, in one line, before anything listens
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("serve")
+    base = family_base(directory / "base", "llama-gqa")
+    names = ["ether-qv-n2", "plus-two-sided-n4"]
+    return base, {n: make_adapter(base, directory / n, i, **ADAPTERS[n]) for i, n in enumerate(names)}
+
+
+def one_line_error(*args: str) -> str:
+    result = run_main("serve", *args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and lines[-1].startswith("litgpt_ether: error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    return lines[-1]
+
+
+def test_adapters_that_cannot_be_served_are_refused_naming_them(two_adapters, tmp_path):
+    base, adapters = two_adapters
+    good = f"good={adapters['ether-qv-n2']}"
+    oft = make_adapter(base, tmp_path / "oft", 0, ether_method="oft", ether_nb=4, ether_query=True)
+    assert "'o': ether_method oft" in one_line_error(str(base), "--adapters", good, f"o={oft}")
+    other = family_base(tmp_path / "other", "neox-bias")
+    foreign = make_adapter(other, tmp_path / "foreign", 0, **ADAPTERS["plus-two-sided-n4"])
+    assert "'f'" in one_line_error(str(base), "--adapters", good, f"f={foreign}")
+    assert "does not exist" in one_line_error(str(base), "--adapters", good, f"m={tmp_path / 'missing'}")
+    assert "name=path" in one_line_error(str(base), "--adapters", str(adapters["ether-qv-n2"]))
+    assert "reserved" in one_line_error(str(base), "--adapters", f"base={adapters['ether-qv-n2']}")
+    assert "twice" in one_line_error(str(base), "--adapters", good, good)
+    assert "holds no ETHER adapter" in one_line_error(str(base), "--adapters", f"b={base}")
+
+
+def test_a_port_in_use_and_a_bad_host_are_refused(two_adapters):
+    base, adapters = two_adapters
+    spec = f"a={adapters['ether-qv-n2']}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert f"127.0.0.1:{port}" in one_line_error(str(base), "--adapters", spec, "--port", str(port))
+    assert "--host" in one_line_error(str(base), "--adapters", spec, "--host", "localhost")
+    assert "max_batch_size" in one_line_error(str(base), "--adapters", spec, "--max_batch_size", "0")
+
+
+# --------------------------------------------------------------------------------------------------
+# Over HTTP
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(two_adapters, tmp_path_factory):
+    """The real server in its own process group (LitServe spawns workers), stopped with everything it started."""
+    pytest.importorskip("litserve")
+    base, adapters = two_adapters
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [sys.executable, "-m", "litgpt_ether", "serve", str(base), "--adapters",
+           *(f"{n}={p}" for n, p in adapters.items()), "--port", str(port), "--temperature", "0",
+           "--max_new_tokens", "6", "--precision", "32-true", "--max_batch_size", "8",
+           "--batch_timeout", "0.2"]  # fmt: skip
+    with open(log, "w") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if process.poll() is not None:
+                pytest.fail(f"the server exited: {log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"the server did not start: {log.read_text()[-3000:]}")
+        yield url, base, adapters
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def expected_text(base: Path, adapter: Path | None, prompt: str, max_new_tokens: int = 6) -> str:
+    tokenizer, style = Tokenizer(base), Alpaca()
+    request = Request(0, tokenizer.encode(style.apply(prompt)), max_new_tokens, 0.0, None, 1.0,
+                      style.stop_tokens(tokenizer))  # fmt: skip
+    return tokenizer.decode(torch.tensor(alone(merged(base, adapter), request), dtype=torch.long))
+
+
+def test_openai_client_gets_each_adapters_own_answer_streamed_or_not(server):
+    openai = pytest.importorskip("openai")
+    url, base, adapters = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["base", *adapters]
+    answers = set()
+    for name, path in {"base": None, **adapters}.items():
+        want = expected_text(base, path, PROMPTS[0])
+        messages = [{"role": "user", "content": PROMPTS[0]}]
+        reply = client.chat.completions.create(model=name, messages=messages)
+        assert reply.choices[0].message.content == want
+        stream = client.chat.completions.create(model=name, messages=messages, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want
+        answers.add(want)
+    assert len(answers) > 1
+
+
+def test_concurrent_requests_for_different_adapters_are_answered_as_alone(server):
+    url, base, adapters = server
+    jobs = [(name, prompt) for prompt in PROMPTS for name in ["base", *adapters]] * 2
+
+    def ask(job):
+        body = {"model": job[0], "messages": [{"role": "user", "content": job[1]}]}
+        return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()["choices"][0]["message"]
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = [m["content"] for m in pool.map(ask, jobs)]
+    paths = {"base": None, **adapters}
+    assert got == [expected_text(base, paths[name], prompt) for name, prompt in jobs]
+
+
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server):
+    url, base, adapters = server
+    post = lambda body: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    user = [{"role": "user", "content": PROMPTS[0]}]
+    unknown = post({"model": "nope", "messages": user})
+    assert unknown.status_code == 404
+    assert all(name in unknown.json()["error"]["message"] for name in ["base", *adapters])
+    assert post({"model": "base"}).status_code == 422  # no messages
+    assert post({"model": "base", "messages": user, "temperature": -1}).status_code == 400
+    assert post({"model": "base", "messages": [{"role": "assistant", "content": "hi"}]}).status_code == 400
+    too_long = post({"model": "base", "messages": [{"role": "user", "content": "red " * 200}]})
+    assert too_long.status_code == 400 and "context" in too_long.json()["error"]["message"]
+    streamed_unknown = post({"model": "nope", "messages": user, "stream": True})
+    assert streamed_unknown.status_code == 404
+    ok = post({"model": "base", "messages": user})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == expected_text(
+        base, None, PROMPTS[0]
+    )
