@@ -10,6 +10,7 @@ are batched by LitServe whatever adapters they name, and decoded together with a
 """
 
 import math
+import signal
 import socket
 import sys
 from collections.abc import Iterator, Sequence
@@ -547,6 +548,16 @@ def port_free(host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror}): choose another --port") from None
 
 
+def stop_on_sigterm() -> None:
+    """``kill``, ``docker stop`` and systemd send SIGTERM: shut down as on Ctrl-C, so that LitServe stops the worker
+    and HTTP processes it started (on SIGTERM they would outlive it, one of them polling a CPU core)."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(
     checkpoint_dir: Path,
     *,
@@ -609,4 +620,5 @@ def main(
         print(f"adapter {a.name!r}: {a.ether_args['ether_method']}, n = {a.ether_args['ether_nb']} ({a.path})",
               file=sys.stderr)  # fmt: skip
     print(f"Serving {checkpoint_dir} and {len(loaded)} adapters at http://{host}:{port}/v1", file=sys.stderr)
+    stop_on_sigterm()
     server.run(host=host, port=port, num_api_servers=1, generate_client_file=False, log_level="warning")

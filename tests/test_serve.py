@@ -4,6 +4,7 @@ The decoding tests run the batch engine in this process; the HTTP tests start th
 127.0.0.1) and talk to it with the ``openai`` client and ``httpx``.
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -278,8 +279,18 @@ def server(two_adapters, tmp_path_factory):
             pytest.fail(f"the server did not start: {log.read_text()[-3000:]}")
         yield url, base, adapters
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        process.send_signal(signal.SIGTERM)  # the main process alone, as `kill PID` does
+        try:
+            process.wait(timeout=60)
+            for _ in range(60):  # every process the server started is gone with it
+                os.killpg(process.pid, 0)
+                time.sleep(0.5)
+            pytest.fail("processes of the server outlived it after SIGTERM")
+        except ProcessLookupError:
+            pass
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 def expected_text(base: Path, adapter: Path | None, prompt: str, max_new_tokens: int = 6) -> str:
