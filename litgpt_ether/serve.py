@@ -340,11 +340,13 @@ def decode(model: GPT, rows: Rows, requests: Sequence[Request]) -> Iterator[list
     while active:
         news: list[list[int]] = [[] for _ in requests]
         keep = []
+        picked = logits.argmax(-1).tolist()  # greedy rows (litgpt's ``sample`` with temperature or top_p 0), at once
         for b, i in enumerate(active):
             r = requests[i]
-            token = sample(logits[b][None, None], r.temperature, r.top_k, r.top_p)
+            if r.temperature > 0 and r.top_p > 0:
+                picked[b] = int(sample(logits[b][None, None], r.temperature, r.top_k, r.top_p))
             tokens = generated[i]
-            tokens.append(int(token))
+            tokens.append(picked[b])
             stop = _ended_by(tokens, r.stop_tokens)
             done = stop > 0 or len(tokens) == r.max_new_tokens
             ready = len(tokens) - stop if done else len(tokens) - _held_back(tokens, r.stop_tokens)
