@@ -139,12 +139,12 @@ def reflect(z: torch.Tensor, units: torch.Tensor, coefs: tuple[float, ...]) -> t
     ``H`` is symmetric, so this is also ``H z`` for column vectors. All dot products use the original ``z``,
     which is what makes ETHER+'s two hyperplanes one matrix.
     """
-    n, j, k = units.shape[-3:]
-    if units.dim() == 5 and z.dim() == 3:  # a set per batch row, (B, 1, n, j, k): the same sums as batched matmuls
+    if units.dim() > 3:  # a set per batch row, (B, 1, n, j, k) against z (B, T, n*k): the same sums as batched matmuls
         return _reflect_rows(z, units[:, 0], coefs)
+    n, j, k = units.shape
     scaled = _scale(_dots(z, units), coefs)  # (..., n, j)
     # one vector (ETHER): a broadcast outer product; a matmul with an inner size of 1 is much slower on CPU
-    update = scaled * units[..., 0, :] if j == 1 else torch.einsum(_per_row(units, "...nj,njk->...nk"), scaled, units)
+    update = scaled * units[:, 0] if j == 1 else torch.einsum("...nj,njk->...nk", scaled, units)
     return (z.reshape(*z.shape[:-1], n, k) + update).reshape(z.shape)
 
 
@@ -282,6 +282,19 @@ def reflect_outputs(
     return _ReflectOutputs.apply(z, bias, tuple(slices), coefs, *units, *extras)
 
 
+def unit_vectors(u: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+    """A side's vectors ``u`` (and ``v``), each ``(n, k)``, as unit vectors ``(n, j, k)`` in at least fp32.
+
+    Scaled by the largest entry first, so any nonzero vector, however tiny, becomes exactly unit (as ETHER's
+    backward, which relies on H² = I, needs) and a zero vector stays zero: H = I instead of NaN. The scale is a
+    constant to autograd: normalising is scale-invariant, so the gradient is the same and less is saved.
+    """
+    w = u[:, None] if v is None else torch.stack([u, v], dim=1)
+    w = w.to(torch.promote_types(w.dtype, torch.float32))
+    w = w / w.detach().abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    return F.normalize(w, dim=-1)
+
+
 class Reflection(nn.Module):
     """The trainable vectors of one side: ``u`` (and ``v`` for ETHER+), each ``(n, size // n)``."""
 
@@ -313,13 +326,7 @@ class Reflection(nn.Module):
 
     def units(self, dtype: torch.dtype) -> torch.Tensor:
         """The unit vectors, ``(n, j, k)``, normalised in at least fp32, then cast to ``dtype``."""
-        w = self.u[:, None] if self.v is None else torch.stack([self.u, self.v], dim=1)
-        w = w.to(torch.promote_types(w.dtype, torch.float32))
-        # scaled by the largest entry first, so any nonzero vector, however tiny, becomes exactly unit (as ETHER's
-        # backward, which relies on H² = I, needs) and a zero vector stays zero: H = I instead of NaN. The scale
-        # is a constant to autograd: normalising is scale-invariant, so the gradient is the same and less is saved.
-        w = w / w.detach().abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-        return F.normalize(w, dim=-1).to(dtype)
+        return unit_vectors(self.u, self.v).to(dtype)
 
     def forward(self, z: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """``z @ H`` (``H`` is symmetric: ``transpose`` changes nothing)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from pprint import pformat
 
 import lightning as L
+import litgpt.config
 import litgpt.model
 import torch
 from litgpt.generate.base import generate_fn
@@ -57,6 +58,11 @@ def check_fits(prompt_length: int, max_new_tokens: int, block_size: int) -> None
         )
 
 
+def prompt_style_of(directory: Path, config: litgpt.config.Config) -> PromptStyle:
+    """The prompt style saved with a checkpoint (``prompt_style.yaml``), else the one litgpt infers from its config."""
+    return load_prompt_style(directory) if has_prompt_style(directory) else PromptStyle.from_config(config)
+
+
 def load_for_inference(
     checkpoint_dir: Path,
     base_checkpoint_dir: Path | None = None,
@@ -81,11 +87,7 @@ def load_for_inference(
     model = fabric.setup_module(load_model(resolved))
     fabric.print(f"Time to load the model: {time.perf_counter() - t0:.02f} seconds.", file=sys.stderr)
 
-    files_dir = resolved.files_dir
-    prompt_style = (
-        load_prompt_style(files_dir) if has_prompt_style(files_dir) else PromptStyle.from_config(model.config)
-    )
-    return Inference(fabric, model, tokenizer, prompt_style)
+    return Inference(fabric, model, tokenizer, prompt_style_of(resolved.files_dir, model.config))
 
 
 @torch.inference_mode()

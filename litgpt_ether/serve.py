@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from litgpt.generate.base import sample
-from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style
+from litgpt.prompts import PromptStyle
 from litgpt.tokenizer import Tokenizer
 
 from litgpt_ether.checkpoint import MODEL_FILE, check_adapter_fits, check_checkpoint_dir, load_adapter, resolve
@@ -36,12 +36,12 @@ from litgpt_ether.ether import (
     Config,
     ETHERLayer,
     ETHERQKVLinear,
-    Reflection,
     load_base_checkpoint,
     reflect,
     transform_outputs,
+    unit_vectors,
 )
-from litgpt_ether.generate import check_fits
+from litgpt_ether.generate import check_fits, prompt_style_of
 
 try:  # the `serve` extra; without it the verb stops with one line naming the extra
     from fastapi import BackgroundTasks
@@ -145,10 +145,6 @@ def parse_adapters(specs: Sequence[str]) -> list[tuple[str, Path]]:
     return pairs
 
 
-def prompt_style_of(directory: Path, config: litgpt.config.Config) -> PromptStyle:
-    return load_prompt_style(directory) if has_prompt_style(directory) else PromptStyle.from_config(config)
-
-
 def load_adapter_for(base_dir: Path, name: str, path: Path) -> Adapter:
     """One adapter, checked: an ETHER or ETHER+ adapter (file or directory) that fits the base model."""
     if not path.exists():
@@ -208,12 +204,7 @@ def _units_of(state: dict[str, torch.Tensor], key: str) -> torch.Tensor | None:
     None if the adapter does not reflect there."""
     if f"{key}.u" not in state:
         return None
-    u, v = state[f"{key}.u"], state.get(f"{key}.v")
-    reflection = Reflection(u.numel(), u.shape[0], plus=v is not None, device="meta")
-    reflection.u = nn.Parameter(u.float())
-    if v is not None:
-        reflection.v = nn.Parameter(v.float())
-    return reflection.units(torch.float32)
+    return unit_vectors(state[f"{key}.u"], state.get(f"{key}.v")).float()
 
 
 def _in_blocks(units: torch.Tensor, n_blocks: int) -> torch.Tensor:

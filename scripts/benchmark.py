@@ -710,8 +710,10 @@ def serve_cmd(
         sync(dev)
         return batch_size * new_tokens / (time.perf_counter() - t0)
 
-    single_rows = Rows()
-    tuned = build_model(base_dir, pool[:1], single_rows)  # one adapter, merged: a plain litgpt model
+    single_rows = Rows()  # unused by the merged model, which has no tables
+    tuned = ether.GPT(config)  # the first adapter on the base weights, merged: a plain litgpt model
+    ether.load_base_checkpoint(tuned, base_dir / "lit_model.pth")
+    tuned.load_state_dict(states[0], strict=False)
     merged = ether.merge_ether(tuned).to(device=dev, dtype=dtype)
     results = []
     for k in adapters:

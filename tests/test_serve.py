@@ -32,7 +32,6 @@ from litgpt_ether.ether import (
     GPT,
     Config,
     ether_state_dict,
-    load_base_checkpoint,
     merge_ether,
     reflect,
     reflect_through,
@@ -120,9 +119,7 @@ def make_adapter(base: Path, out_dir: Path, seed: int, **ether_args) -> Path:
 def merged(base: Path, adapter: Path | None) -> litgpt.model.GPT:
     """The adapter folded into the base weights (or the base alone): what ``litgpt_ether merge`` writes."""
     if adapter is None:
-        model = litgpt.model.GPT(litgpt.config.Config.from_file(base / "model_config.yaml"))
-        load_base_checkpoint(model, base / "lit_model.pth")
-        return model.eval()
+        return load_model(resolve(base))
     return merge_ether(load_model(resolve(adapter / "lit_model.pth.ether", base_checkpoint_dir=base))).eval()
 
 
