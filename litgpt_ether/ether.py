@@ -279,6 +279,8 @@ def reflect_outputs(
     if not torch.is_grad_enabled():  # inference (generate, chat, serve): nothing to save for a backward
         _reflect_slices_(z, bias, slices, coefs, units, extras, keep_inputs=False)
         return z
+    if z._is_view():  # e.g. out of bitsandbytes' int8 matmul on CUDA, a Function: autograd forbids writing into it
+        z = z.clone()
     return _ReflectOutputs.apply(z, bias, tuple(slices), coefs, *units, *extras)
 
 
@@ -656,6 +658,13 @@ def initial_ether_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
+def stored_shape(t: torch.Tensor) -> tuple[int, ...]:
+    """The shape a checkpoint stores for ``t``: a quantized 4-bit bitsandbytes weight is packed into ``(n, 1)`` bytes,
+    and its ``quant_state`` keeps the shape it stands for."""
+    quant_state = getattr(t, "quant_state", None)
+    return tuple(t.shape if quant_state is None else quant_state.shape)
+
+
 def load_base_checkpoint(model: nn.Module, checkpoint_path: Path, assign: bool = False) -> None:
     """Load an unmodified litgpt ``lit_model.pth``: every key must match, except the ETHER ones.
 
@@ -674,7 +683,7 @@ def load_base_checkpoint(model: nn.Module, checkpoint_path: Path, assign: bool =
     state_dict = state_dict.get("model", state_dict) if isinstance(state_dict, dict) else state_dict
     if not isinstance(state_dict, dict):
         raise ConfigError(f"{str(checkpoint_path)!r} holds no state dict (a {type(state_dict).__name__})")
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = {k: stored_shape(v) for k, v in model.state_dict(keep_vars=True).items()}  # the parameters themselves
     wrong = [k for k, v in state_dict.items() if k in shapes and tuple(getattr(v, "shape", ())) != shapes[k]]
     if wrong:
         raise ConfigError(

@@ -441,8 +441,13 @@ def time_variant(
     steps: int,
     warmup: int,
     quantize: str | None = None,
+    profile: int = 0,
 ) -> dict[str, Any] | None:
-    """Median step time, peak memory and trainable parameters of one variant; None if skipped."""
+    """Median step time, peak memory and trainable parameters of one variant; None if skipped.
+
+    With ``profile`` > 0, one more step runs under ``torch.profiler`` and its ``profile`` costliest operations (by
+    their own device time, CPU time on a CPU) go to stderr: where a variant's extra time goes.
+    """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
@@ -477,6 +482,15 @@ def time_variant(
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    if profile > 0:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            step()
+            sync(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        note(f"{variant}: one step's costliest operations\n{prof.key_averages().table(sort_by=key, row_limit=profile)}")
     return {
         "variant": variant,
         "step_ms": 1000 * statistics.median(times),
@@ -501,6 +515,7 @@ def time_cmd(
     json: bool = False,
     device: str = "cuda",
     quantize: str | None = None,
+    profile: int = 0,
 ) -> list[dict[str, Any]]:
     """Time training steps of each variant: bf16-true on a GPU, random weights, AdamW (lr 1e-3).
 
@@ -515,6 +530,7 @@ def time_cmd(
         device: "cuda" (bf16-true) or "cpu" (fp32, a smoke test for tiny configs; no peak memory).
         quantize: Quantize every base linear with bitsandbytes ("bnb.nf4", ...): ``lora-r8`` is then litgpt's QLoRA.
             The reference variants are skipped.
+        profile: Profile one more step per variant and print its this many costliest operations to stderr.
     """
     dev, dtype = resolve_device(device)
     if quantize is not None and quantize.startswith("bnb.int8"):
@@ -524,7 +540,7 @@ def time_cmd(
         free_memory(dev)  # the previous variant's model and optimizer are gone with time_variant's frame
         note(f"timing {variant} ...")
         try:
-            r = time_variant(variant, model, dev, dtype, micro_batch_size, seq_len, steps, warmup, quantize)
+            r = time_variant(variant, model, dev, dtype, micro_batch_size, seq_len, steps, warmup, quantize, profile)
         except torch.OutOfMemoryError:
             note(f"{variant}: out of memory")
             r = {"variant": variant, "step_ms": None, "peak_mem_gib": None, "trainable_params": None, "oom": True}
@@ -777,6 +793,7 @@ def parser() -> argparse.ArgumentParser:
                 choices=["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8-training"],
                 help="quantize the base weights (lora-r8 becomes QLoRA)",
             )
+            sp.add_argument("--profile", type=int, default=default("profile"), help="print N costliest ops per variant")
         if name == "generate":
             sp.add_argument("--prompt_len", type=int, default=default("prompt_len"))
             sp.add_argument("--new_tokens", type=int, default=default("new_tokens"))

@@ -13,7 +13,14 @@ from conftest import finetune_args, run_main
 from test_ether import METHODS, ether_grads, ether_model, reference_forward
 
 from litgpt_ether.checkpoint import ADAPTER_FILE, MODEL_FILE, Resolved, load_adapter, merge_adapter
-from litgpt_ether.ether import ConfigError, ether_layers, mark_only_ether_as_trainable, merge_ether
+from litgpt_ether.ether import (
+    ConfigError,
+    ether_filter,
+    ether_layers,
+    load_base_checkpoint,
+    mark_only_ether_as_trainable,
+    merge_ether,
+)
 
 bnb = pytest.importorskip("bitsandbytes", reason="the quant extra installs bitsandbytes")
 
@@ -58,6 +65,59 @@ def test_ether_around_a_quantized_linear_matches_the_dense_reference(family, met
     assert grads.keys() == ref_grads.keys() and grads
     for name in grads:
         torch.testing.assert_close(grads[name].double(), ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+class _ViewOutput(torch.autograd.Function):
+    """``x Wᵀ`` returned as a view made inside the Function, as bitsandbytes' int8 matmul does on CUDA."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return (x.reshape(-1, x.shape[-1]) @ weight.T).view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return grad @ weight, None
+
+
+class ViewOutputLinear(torch.nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ViewOutput.apply(x, self.weight)
+
+
+@pytest.mark.parametrize("method", ["ether", "etherplus", "etherplus-one-sided-flip"])
+def test_an_output_side_on_a_linear_that_returns_a_view_matches_the_dense_reference(method):
+    """Autograd forbids writing into a view made inside another Function: the output side must not (int8 on CUDA)."""
+    model = ether_model("neox-bias", method, "qkv", 2, ether_projection=True, ether_mlp=True, ether_head=True)
+    for _, layer in ether_layers(model):
+        linear = ViewOutputLinear(layer.in_features, layer.out_features, bias=False, device="meta")
+        linear.weight = layer.linear.weight
+        layer.linear = linear
+    mark_only_ether_as_trainable(model)
+    idx = torch.randint(0, 48, (2, 8), generator=torch.Generator().manual_seed(1))
+    target = torch.randn(2, 8, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out = model(idx)
+    (out * target).sum().backward()
+    grads = ether_grads(model)
+    model.zero_grad()
+    ref = reference_forward(model, idx)
+    (ref * target).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ether_grads(model)[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_quantized_model_checks_a_checkpoint_against_the_shapes_its_packed_weights_stand_for(tmp_path):
+    model = ether_model("llama-gqa", "etherplus", "qkv", 2, ether_mlp=True).float()
+    base = {k: v for k, v in model.state_dict().items() if not ether_filter(k, v)}
+    quantize_ether_linears(model, "nf4")  # 4-bit weights are stored packed, (n, 1)
+    base["lm_head.weight"] = base["lm_head.weight"][:, :-1].clone()  # the one tensor that really differs
+    torch.save(base, tmp_path / "lit_model.pth")
+    with pytest.raises(
+        ConfigError, match=r"lm_head.weight has shape \(48, 15\), the model wants \(48, 16\) \(1 tensors"
+    ):
+        load_base_checkpoint(model, tmp_path / "lit_model.pth")
 
 
 def test_a_quantized_layer_is_not_merged_in_place():

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one prepared run under a time budget (a lent GPU is scarce: one call).
+#
+#   OUT=/tmp/gpu bash scripts/gpu_session.sh            # on the GPU machine, from the repository root
+#   OUT=/tmp/cpu DEVICE=cpu LLAMA=pythia-14m PHI=pythia-14m DEMO_STEPS=20 bash scripts/gpu_session.sh  # a dry run
+#
+# Phases, each under its own timeout and skipped when the budget (BUDGET seconds) is spent:
+#   1. training step time and peak memory (scripts/benchmark.py time): Llama-2-7B 4 x 512, Phi-1.5 4 x 256,
+#      Llama-2-7B 1 x 256, and the nf4 base against QLoRA; a profile of one step of LoRA, ETHER and ETHER+;
+#      merged vs base generation speed;
+#   2. the tests that use CUDA (tests/test_cuda.py, tests/test_quantize.py) in the background, while the
+#      foreground runs a real-size finetune / resume / merge check (scripts/finetune_check.py) and times the
+#      demo's pretraining on the GPU (scripts/make_demo.py).
+# The rest of the suite runs from the start, niced on 4 of the CPU cores with CUDA hidden, so that the timings
+# have the GPU to themselves.
+# Offline machines: wheels in .whl/ (litgpt and what the image lacks) are installed to /tmp/site first.
+# Writes $OUT/log.txt (everything, in order), $OUT/pytest_cpu.txt and $OUT/pytest_cuda.txt.
+set -u
+OUT=${OUT:?set OUT to a directory for the logs}
+BUDGET=${BUDGET:-560}
+DEVICE=${DEVICE:-cuda}
+LLAMA=${LLAMA:-Llama-2-7b-hf}
+PHI=${PHI:-phi-1_5}
+DEMO_STEPS=${DEMO_STEPS:-3000}
+START=$(date +%s)
+LOG=$OUT/log.txt
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+
+# phase NAME SECONDS CMD...: run CMD with a timeout of SECONDS (less if the budget is nearly spent)
+phase() {
+    local name=$1 want=$2
+    shift 2
+    local have
+    have=$(($(left) - 5))
+    ((want < have)) || want=$have
+    if ((want < 10)); then
+        echo "=== $name: skipped, budget spent" | tee -a "$LOG"
+        return
+    fi
+    echo "=== $name (t=$(($(date +%s) - START)) s, timeout $want s): $*" | tee -a "$LOG"
+    local t0=$SECONDS
+    timeout -k 5 "$want" "$@" >>"$LOG" 2>&1
+    echo "=== $name: exit $?, $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+rm -rf /tmp/site
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        >>"$LOG" 2>&1 || { echo "wheel install failed" | tee -a "$LOG"; exit 1; }
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -m litgpt_ether "$@"\n' >/tmp/bin/litgpt_ether && chmod +x /tmp/bin/litgpt_ether
+export PATH=/tmp/bin:$PATH
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+    python3 -c "import torch; from importlib.metadata import version as v; print('torch', torch.__version__, \
+'cuda', torch.version.cuda, *[f'{p} {v(p)}' for p in ('litgpt', 'lightning', 'bitsandbytes', 'tokenizers')])"
+    nproc
+} >>"$LOG" 2>&1
+
+echo "=== pytest (CUDA hidden) in the background (t=$(($(date +%s) - START)) s)" | tee -a "$LOG"
+CUDA_VISIBLE_DEVICES= timeout -k 5 $(($(left) - 5)) nice -n 19 python3 -m pytest -q -n 4 -p no:cacheprovider tests \
+    --ignore tests/test_cuda.py --ignore tests/test_quantize.py >"$OUT/pytest_cpu.txt" 2>&1 &
+PYTEST_CPU=$!
+
+B="python3 scripts/benchmark.py"
+VARIANTS="frozen lora-r8 ether-n1 ether-n4 ether-n32 etherplus-n1 etherplus-n4 etherplus-n32"
+phase "time $LLAMA 4x512" 110 $B time --device "$DEVICE" --model "$LLAMA" --micro_batch_size 4 --seq_len 512 --variants $VARIANTS
+phase "time $PHI 4x256" 60 $B time --device "$DEVICE" --model "$PHI" --micro_batch_size 4 --seq_len 256 --variants $VARIANTS
+phase "time $LLAMA 1x256" 60 $B time --device "$DEVICE" --model "$LLAMA" --micro_batch_size 1 --seq_len 256 --variants $VARIANTS
+phase "time $LLAMA 1x256 nf4" 90 $B time --device "$DEVICE" --model "$LLAMA" --micro_batch_size 1 --seq_len 256 \
+    --quantize bnb.nf4 --variants frozen lora-r8 ether-n1 ether-n32 etherplus-n1 etherplus-n32
+phase "profile $LLAMA 4x512" 50 $B time --device "$DEVICE" --model "$LLAMA" --micro_batch_size 4 --seq_len 512 \
+    --steps 2 --warmup 2 --profile 20 --variants lora-r8 ether-n4 etherplus-n4
+phase "generate $LLAMA" 45 $B generate --device "$DEVICE" --model "$LLAMA" --repeats 2
+
+ACCEL=$([ "$DEVICE" = cuda ] && echo cuda || echo cpu)
+PREC=$([ "$DEVICE" = cuda ] && echo bf16-true || echo 32-true)
+echo "=== pytest (CUDA tests) in the background (t=$(($(date +%s) - START)) s)" | tee -a "$LOG"
+timeout -k 5 $(($(left) - 5)) python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_cuda.py tests/test_quantize.py \
+    >"$OUT/pytest_cuda.txt" 2>&1 &
+PYTEST_CUDA=$!
+phase "finetune check $PHI" 150 python3 scripts/finetune_check.py --model "$PHI" --accelerator "$ACCEL" --precision "$PREC"
+phase "make_demo on $DEVICE" 90 python3 scripts/make_demo.py --out_dir /tmp/demo --device "$DEVICE" --steps "$DEMO_STEPS"
+for job in CUDA CPU; do
+    pid=PYTEST_$job
+    wait ${!pid}
+    echo "=== pytest $job: exit $? (t=$(($(date +%s) - START)) s)" | tee -a "$LOG"
+    f=$OUT/pytest_$(echo $job | tr A-Z a-z).txt
+    grep -E "^(FAILED|ERROR)" "$f" | head -20 | tee -a "$LOG"
+    tail -3 "$f" | tee -a "$LOG"
+done
