@@ -129,8 +129,19 @@ def _dots(z: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
     return torch.einsum(_per_row(units, "...nk,njk->...nj"), z.reshape(*z.shape[:-1], n, k), units)
 
 
+_COEFS: dict[tuple[tuple[float, ...], torch.device, torch.dtype], torch.Tensor] = {}
+
+
 def _scale(dots: torch.Tensor, coefs: tuple[float, ...]) -> torch.Tensor:
-    return dots * coefs[0] if len(coefs) == 1 else dots * dots.new_tensor(coefs)
+    """``dots * coefs`` over the last dim. ETHER+'s pair lives on the device once: a tensor made from Python numbers on
+    CUDA is a host-to-device copy that synchronizes the stream, which at every call would stall the GPU's queue."""
+    if len(coefs) == 1:
+        return dots * coefs[0]
+    key = (coefs, dots.device, dots.dtype)
+    if key not in _COEFS:
+        with torch.inference_mode(False):  # first made under inference mode, it could not be saved for a backward
+            _COEFS[key] = torch.tensor(coefs, dtype=dots.dtype, device=dots.device)
+    return dots * _COEFS[key]
 
 
 def reflect(z: torch.Tensor, units: torch.Tensor, coefs: tuple[float, ...]) -> torch.Tensor:
@@ -359,7 +370,9 @@ class BlockMatrix(nn.Module):
         eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
         if self.cayley:
             q = (r - r.transpose(1, 2)) / 2
-            h = torch.linalg.solve(eye - q, eye + q)  # (I - Q)⁻¹(I + Q) = (I + Q)(I - Q)⁻¹: both are functions of Q
+            # (I - Q)⁻¹(I + Q) = (I + Q)(I - Q)⁻¹: both are functions of Q. I - Q is never singular (Q is skew), so no
+            # error check: on CUDA, linalg.solve's would synchronize the device at every call
+            h = torch.linalg.solve_ex(eye - q, eye + q, check_errors=False).result
         else:
             h = eye + r
         return h.to(dtype)

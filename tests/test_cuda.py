@@ -5,10 +5,12 @@ The CPU suite proves the layers against ``H`` built entry by entry; these tests 
 kernels. They skip without CUDA.
 """
 
+import warnings
+
 import pytest
 import torch
 from conftest import FAMILIES
-from test_ether import METHODS, ether_grads, ether_model, reference_forward
+from test_ether import METHODS, base_model, ether_grads, ether_model, reference_forward
 
 from litgpt_ether import mark_only_ether_as_trainable, merge_ether
 
@@ -68,3 +70,31 @@ def test_cuda_merge_in_bf16_matches_the_unmerged_model(family, method):
         after = model(idx)
     assert after.dtype == torch.bfloat16
     assert relative_error(after, before) < 2e-2
+
+
+def synchronizations(step) -> int:
+    """How many times ``step()`` makes the CPU wait for the GPU (``torch.cuda.set_sync_debug_mode`` warnings)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("method", ["ether", "etherplus", "etherplus-one-sided", "oft", "naive"])
+def test_a_training_step_synchronizes_no_more_than_the_base_model(method):
+    """A synchronization drains the GPU's queue: the CPU then issues the next kernels while the GPU waits. ETHER+
+    once made one at every reflection (a tensor of its coefficients built from Python numbers)."""
+    model = ether_model("llama-gqa", method, "qkv", 2, **ALL_TARGETS)
+    mark_only_ether_as_trainable(model)
+    base = base_model(model).cuda().float()
+    model = model.cuda().float()
+    idx = torch.randint(0, 48, (2, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    counts = []
+    for m in (model, base):
+        m(idx).sum().backward()  # warm-up: what the first call caches
+        counts.append(synchronizations(lambda m=m: m(idx).sum().backward()))
+    assert counts[0] == counts[1]

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+from functools import partial
 
 import litgpt.config
 import litgpt.model
@@ -376,3 +377,32 @@ def test_base_checkpoint_loads_strictly_except_for_ether_keys(tmp_path):
     torch.save(base.state_dict() | {"transformer.h.9.attn.qkv.weight": torch.zeros(1)}, tmp_path / "extra.pth")
     with pytest.raises(ConfigError, match=r"unexpected \['transformer\.h\.9\.attn\.qkv\.weight'\]"):
         load_base_checkpoint(fresh, tmp_path / "extra.pth")
+
+
+def python_number_tensors(fn) -> int:
+    """How many tensors ``fn`` makes from Python numbers (``torch.tensor(...)``: ``aten::lift_fresh``)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name == "aten::lift_fresh")
+
+
+@pytest.mark.parametrize("method", ["ether", "etherplus", "etherplus-one-sided", "oft", "naive"])
+def test_a_step_makes_no_more_tensors_from_python_numbers_than_the_base_model(method):
+    """On CUDA each such tensor is a host-to-device copy that synchronizes the stream, draining the GPU's queue: the
+    layers must add none to what litgpt's own model makes, in training or inference (the first call may cache)."""
+    model = ether_model("llama-gqa", method, "qkv", 2, ether_projection=True, ether_mlp=True, ether_head=True)
+    mark_only_ether_as_trainable(model)
+    base = base_model(model)
+    idx = torch.randint(0, 48, (2, 8), generator=torch.Generator().manual_seed(1))
+
+    def train_step(m):
+        m(idx).sum().backward()
+
+    def inference(m):
+        with torch.inference_mode():
+            m(idx)
+
+    for step in (inference, train_step):  # inference first: what it caches must serve training as well
+        step(model)
+        made = [python_number_tensors(partial(step, m)) for m in (model, base)]
+        assert made[0] == made[1], step.__name__

@@ -12,7 +12,7 @@ from conftest import FAMILIES, finetune_args, run_main
 
 from litgpt_ether import GPT, Config, mark_only_ether_as_trainable, merge_ether
 from litgpt_ether.checkpoint import ADAPTER_FILE, load_adapter
-from litgpt_ether.ether import Reflection, reflect_outputs
+from litgpt_ether.ether import Reflection, reflect_outputs, unit_vectors
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -127,3 +127,28 @@ def test_training_at_learning_rate_0_1_stays_finite_and_bounded(
             assert distance_from_identity(reflection) == pytest.approx(2 * math.sqrt(n), abs=1e-4)
         else:  # ||v̂ v̂ᵀ - û ûᵀ||_F² = 2 - 2 (û · v̂)² per block
             assert distance_from_identity(reflection) <= math.sqrt(2 * n) + 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("plus", [False, True])
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e20])
+def test_unit_vectors_gradient_matches_the_plain_formula(dtype, plus, scale):
+    """``unit_vectors`` divides by a detached scale before normalising: its gradient must still be the plain
+    formula's, ``w / |w|`` through autograd in fp64, for tiny, ordinary and huge vectors."""
+    generator = torch.Generator().manual_seed(0)
+    u, v = (torch.randn(4, 8, dtype=torch.float64, generator=generator) * scale for _ in range(2))
+    u, v = u.to(dtype).requires_grad_(), v.to(dtype).requires_grad_() if plus else None
+    params = [p for p in (u, v) if p is not None]
+    g = torch.randn(4, len(params), 8, dtype=torch.float64, generator=generator)
+    out = unit_vectors(u, v).double()
+    grads = torch.autograd.grad((out * g).sum(), params)
+
+    exact = [p.detach().double().requires_grad_() for p in params]
+    w = torch.stack(exact, dim=1)
+    ref = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True)  # fp64 holds 1e-30 squared; no eps clamp needed
+    ref_grads = torch.autograd.grad((ref * g).sum(), exact)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6  # bf16: the gradient is rounded to bf16 at the end
+    torch.testing.assert_close(out, ref.detach(), rtol=tol, atol=tol)
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert grad.dtype == dtype
+        assert ((grad.double() - ref_grad).norm() / ref_grad.norm()).item() < tol
