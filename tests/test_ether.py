@@ -148,6 +148,19 @@ def ether_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if ether_filter(n, p)}
 
 
+def with_reference(model: GPT) -> tuple[torch.Tensor, dict, torch.Tensor, dict]:
+    """Outputs and ETHER gradients of ``model``, then of the dense reference, on one fixed batch and loss."""
+    idx = torch.randint(0, 48, (2, 8), generator=torch.Generator().manual_seed(1))
+    target = torch.randn(2, 8, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    results = []
+    for forward in (model, partial(reference_forward, model)):
+        out = forward(idx)
+        (out.double() * target).sum().backward()
+        results += [out, ether_grads(model)]
+        model.zero_grad()
+    return tuple(results)
+
+
 # ---------------------------------------------------------------------- equivalence
 
 
@@ -158,19 +171,8 @@ def ether_grads(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_matches_dense_reference_outputs_and_gradients(family, method, targets, n):
     model = ether_model(family, method, targets, n)
     mark_only_ether_as_trainable(model)
-    idx = torch.randint(0, 48, (2, 8), generator=torch.Generator().manual_seed(1))
-    target = torch.randn(2, 8, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-
-    out = model(idx)
-    (out * target).sum().backward()
-    grads = ether_grads(model)
+    out, grads, ref, ref_grads = with_reference(model)
     assert grads, "no ETHER parameter was created"
-    model.zero_grad()
-
-    ref = reference_forward(model, idx)
-    (ref * target).sum().backward()
-    ref_grads = ether_grads(model)
-
     # fp64 everywhere except litgpt's norms, which compute in fp32: hence fp32-level tolerances
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert grads.keys() == ref_grads.keys()

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from conftest import finetune_args, run_main
-from test_ether import METHODS, ether_grads, ether_model, reference_forward
+from test_ether import METHODS, ether_grads, ether_model, reference_forward, with_reference
 
 from litgpt_ether.checkpoint import ADAPTER_FILE, MODEL_FILE, Resolved, load_adapter, merge_adapter
 from litgpt_ether.ether import (
@@ -95,17 +95,11 @@ def test_an_output_side_on_a_linear_that_returns_a_view_matches_the_dense_refere
         linear.weight = layer.linear.weight
         layer.linear = linear
     mark_only_ether_as_trainable(model)
-    idx = torch.randint(0, 48, (2, 8), generator=torch.Generator().manual_seed(1))
-    target = torch.randn(2, 8, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    out = model(idx)
-    (out * target).sum().backward()
-    grads = ether_grads(model)
-    model.zero_grad()
-    ref = reference_forward(model, idx)
-    (ref * target).sum().backward()
+    out, grads, ref, ref_grads = with_reference(model)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, ether_grads(model)[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_a_quantized_model_checks_a_checkpoint_against_the_shapes_its_packed_weights_stand_for(tmp_path):
