@@ -219,17 +219,17 @@ def _in_blocks(units: torch.Tensor, n_blocks: int) -> torch.Tensor:
     return out.reshape(n_blocks, r * j, r * k)
 
 
-def _table(adapters: Sequence[Adapter], key: str, size: int, n_blocks: int, plus: bool) -> tuple[torch.Tensor, bool]:
+def _table(
+    adapters: Sequence[Adapter], key: str, size: int, n_blocks: int, plus: bool, vectors: int
+) -> tuple[torch.Tensor, bool]:
     """The stacked units of every adapter at ``key`` (zeros for the base row and adapters without it), in the
     server's layout, and whether any adapter reflects there.
 
     Layout: ``n_blocks`` blocks (dividing every adapter's count); per block, pairs ``(-1, +1)`` of vectors when any
     adapter is ETHER+ (an ETHER vector becomes ``(√2 û, 0)``: ``I - 2ûûᵀ = I - (√2û)(√2û)ᵀ``), single ``-2``
-    vectors otherwise; as many as the adapter with the most blocks needs, zeros for the others.
+    vectors otherwise; ``vectors`` per block (as many as the adapter with the most blocks needs), zeros for the others.
     """
-    per = 2 if plus else 1
-    slots = per * max(a.ether_args["ether_nb"] for a in adapters) // n_blocks
-    table = torch.zeros(len(adapters) + 1, n_blocks, slots, size // n_blocks)
+    table = torch.zeros(len(adapters) + 1, n_blocks, vectors, size // n_blocks)
     found = False
     for row, adapter in enumerate(adapters, start=1):
         units = _units_of(adapter.state, key)
@@ -255,7 +255,7 @@ def build_model(base_dir: Path, adapters: Sequence[Adapter], rows: Rows) -> GPT:
     model.cos, model.sin = model.rope_cache(device=torch.device("cpu"))
     slots = max(a.ether_args["ether_nb"] for a in adapters) // config.ether_nb
     coefs = (-1.0, 1.0) * slots if config.ether_plus else (-2.0,) * slots
-    table = partial(_table, adapters, n_blocks=config.ether_nb, plus=config.ether_plus)
+    table = partial(_table, adapters, n_blocks=config.ether_nb, plus=config.ether_plus, vectors=len(coefs))
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, ETHERLayer)]:
         for side in ("ether_in", "ether_out"):
             sides = getattr(layer, side)

@@ -21,28 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import litgpt.model
 import torch
-from litgpt.utils import save_config
-from make_tiny import ALPACA_WORDS, make_dataset, sample_pairs, write_tokenizer
+from make_tiny import make_dataset, write_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmark import random_checkpoint  # noqa: E402
+
 from litgpt_ether.checkpoint import load_model, resolve  # noqa: E402
-
-
-def random_base(name: str, directory: Path, dtype: torch.dtype, device: str) -> Path:
-    """A checkpoint directory: the config's architecture, random weights in ``dtype``, make_tiny's tokenizer."""
-    directory.mkdir(parents=True, exist_ok=True)
-    config = litgpt.config.Config.from_name(name)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = litgpt.model.GPT(config).to(dtype)
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, directory / "lit_model.pth")
-    save_config(config, directory)
-    texts = [ALPACA_WORDS] + [f"{r['instruction']} {r['output']}" for r in sample_pairs(200, 0)]
-    write_tokenizer(directory, texts)
-    return directory
 
 
 def finetune(preset: Path, base: Path, data: Path, out_dir: Path, steps: int, args: argparse.Namespace, *extra: str):
@@ -98,7 +84,8 @@ def main() -> None:
     dtype = torch.bfloat16 if args.precision.startswith("bf16") else torch.float32
 
     t0 = time.perf_counter()
-    base = random_base(args.model, args.work_dir / "base", dtype, device)
+    base = random_checkpoint(args.model, args.work_dir / "base", dtype, device)  # the config's shapes, random weights
+    write_tiny_tokenizer(base)
     data = make_dataset(args.work_dir / "reverse.json", n=2000)
     report = {
         "model": args.model,

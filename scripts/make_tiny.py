@@ -54,11 +54,16 @@ def write_tokenizer(directory: Path, texts: list[str]) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
 
 
+def write_tiny_tokenizer(directory: Path, seed: int = 0) -> None:
+    """The tokenizer of the tiny task: the Alpaca template's words and the colour words."""
+    texts = [ALPACA_WORDS] + [f"{r['instruction']} {r['output']}" for r in sample_pairs(200, seed)]
+    write_tokenizer(directory, texts)
+
+
 def make_checkpoint(directory: Path, seed: int = 0) -> Path:
     """A litgpt checkpoint dir: a LLaMA-style model with grouped-query attention, random weights."""
     directory.mkdir(parents=True, exist_ok=True)
-    texts = [ALPACA_WORDS] + [f"{r['instruction']} {r['output']}" for r in sample_pairs(200, seed)]
-    write_tokenizer(directory, texts)
+    write_tiny_tokenizer(directory, seed)
     vocab_size = len(json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"])
     config = litgpt.config.Config(
         name="tiny-random",
