@@ -250,6 +250,8 @@ def main(
         device: Where to pretrain ("cpu" or "cuda"). The README's figures come from CPU-pretrained weights; other
             kernels round differently, so a GPU-pretrained base is a different (equally valid) demo model.
     """
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise SystemExit(f"error: --device must be 'cpu' or 'cuda' (with a CUDA device present), got {device!r}")
     world = make_world(seed)
     lines = corpus(world, corpus_lines, seed + 1)
     rows = instruction_rows(world, seed + 2)

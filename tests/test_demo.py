@@ -67,3 +67,11 @@ def test_demo_preset_unlocks_held_out_instructions(tmp_path, method):
     summary = json.loads((tmp_path / "out" / "final" / "summary.json").read_text())
     assert summary["exact_match_after"] > summary["exact_match_before"], summary
     assert "held-out exact match" in result.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda"])
+def test_make_demo_refuses_a_device_it_cannot_use_before_writing_anything(tmp_path, monkeypatch, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=f"--device must be 'cpu' or 'cuda'.*got '{device}'"):
+        make_demo.main(out_dir=tmp_path / "demo", device=device)
+    assert not (tmp_path / "demo").exists()
