@@ -25,9 +25,10 @@ Every variant targets q and v only (the paper's instruction-tuning setup). Three
       python scripts/benchmark.py generate --model pythia-14m --device cpu
 
 - ``serve``: decoding tokens/s of ``litgpt_ether serve``'s engine with K adapters mixed in each batch, against one
-  merged model at the same batch size (default: the demo model on the CPU, K in 1, 8, 64, batch 64)::
+  merged model at the same batch size; adapters of the kinds the finetune presets tune (default: the Llama-2-7B
+  and demo presets, the demo model on the CPU, K in 1, 8, 64, batch 64; medians and ranges of 7 runs)::
 
-      python scripts/benchmark.py serve
+      python scripts/benchmark.py serve --threads 2
       python scripts/benchmark.py serve --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --device cuda
 
 Variants: ``frozen`` (every parameter frozen, but the embedding output requires grad so backward runs
@@ -672,51 +673,64 @@ def random_checkpoint(name: str, directory: Path, dtype: torch.dtype, device: to
     return directory
 
 
+REPO = Path(__file__).resolve().parent.parent
+SERVE_PRESETS = (
+    "config_hub/finetune/llama-2-7b/ether.yaml",
+    "config_hub/finetune/llama-2-7b/etherplus.yaml",
+    "config_hub/finetune/demo/ether.yaml",
+    "config_hub/finetune/demo/etherplus.yaml",
+)
+
+
 def serve_cmd(
     checkpoint_dir: str = "demo/base",
     device: str = "cpu",
+    presets: tuple[str, ...] = SERVE_PRESETS,
     batch_size: int = 64,
     adapters: tuple[int, ...] = (1, 8, 64),
     prompt_len: int = 32,
     new_tokens: int = 32,
-    repeats: int = 3,
+    repeats: int = 7,
+    threads: int | None = None,
     json: bool = False,
 ) -> list[dict[str, Any]]:
     """Decoding tokens/s of ``litgpt_ether serve``'s batch engine with K adapters mixed in each batch, against one
     merged model alone (the base model's cost) at the same batch size.
 
-    The adapters are two-sided ETHER+ on every linear of the blocks, n = 4 (the demo preset's kind), with random
-    vectors; request ``i`` of a batch uses adapter ``i mod K``. Every request decodes ``new_tokens`` greedily (no
-    stop tokens), through the same engine (``litgpt_ether.serve.decode``) for both models.
+    The adapters are of the kinds the finetune ``presets`` tune (their ``ether_*`` fields: the paper's Llama-2-7B
+    recipes reflect q and v, the demo's every linear of the blocks), with random vectors; request ``i`` of a batch
+    uses adapter ``i mod K``. Every request decodes ``new_tokens`` greedily (no stop tokens), through the same engine
+    (``litgpt_ether.serve.decode``) for both models; prompt and decoding are both timed. Runs alternate between the
+    two models, so background load falls on both; reported: each model's median and range over ``repeats``, and the
+    median and range of the ratio of each mixed run to the merged run just before it.
 
     Arguments:
         checkpoint_dir: A base litgpt checkpoint directory (default: the demo's model), or a litgpt config name
             (random weights, written once to ``checkpoints/random/NAME``).
         device: "cpu" (fp32) or "cuda" (bf16).
+        presets: Finetune preset YAML files (or paths under this repository) whose adapter kind to serve.
         batch_size: Requests decoded together.
         adapters: The numbers of adapters K to mix per batch (each at most ``batch_size``).
         prompt_len: Prompt tokens per request (random tokens).
         new_tokens: Generated tokens per request.
-        repeats: Runs per model, interleaved; the best is reported.
+        repeats: Runs per model and K.
+        threads: CPU threads for torch (default: torch's own choice).
         json: Print JSON lines instead of a table.
     """
+    import yaml
     from litgpt.prompts import Alpaca
 
     from litgpt_ether.serve import Adapter, Request, Rows, build_model, decode
 
     dev, dtype = resolve_device(device)
+    if threads is not None:
+        torch.set_num_threads(threads)
     base_dir = Path(checkpoint_dir)
     if not base_dir.is_dir():  # a litgpt config name: a random-weight checkpoint written once, here
         base_dir = random_checkpoint(checkpoint_dir, Path("checkpoints/random") / checkpoint_dir, dtype, dev)
-    fields = dict(ether_method="etherplus", ether_nb=4, ether_query=True, ether_key=True, ether_value=True,
-                  ether_projection=True, ether_mlp=True)  # fmt: skip
-    config = ether.Config.from_file(base_dir / "model_config.yaml", **fields)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in ether.ether_state_dict(ether.GPT(config)).items()}
     generator = torch.Generator().manual_seed(0)
-    states = [{k: torch.randn(s, generator=generator) for k, s in shapes.items()} for _ in range(max(adapters))]
-    pool = [Adapter(f"a{i}", base_dir, config.ether_args(), state, Alpaca()) for i, state in enumerate(states)]
-    prompts = torch.randint(0, config.vocab_size, (batch_size, prompt_len), generator=generator)
+    prompts = torch.randint(0, ether.Config.from_file(base_dir / "model_config.yaml").vocab_size,
+                            (batch_size, prompt_len), generator=generator)  # fmt: skip
 
     def rate(model: nn.Module, rows: Rows, k: int) -> float:
         requests = [Request(1 + i % k, prompts[i].to(dev), new_tokens, 0.0, None, 1.0, ()) for i in range(batch_size)]
@@ -729,29 +743,56 @@ def serve_cmd(
         sync(dev)
         return batch_size * new_tokens / (time.perf_counter() - t0)
 
-    single_rows = Rows()  # unused by the merged model, which has no tables
-    tuned = ether.GPT(config)  # the first adapter on the base weights, merged: a plain litgpt model
-    ether.load_base_checkpoint(tuned, base_dir / "lit_model.pth")
-    tuned.load_state_dict(states[0], strict=False)
-    merged = ether.merge_ether(tuned).to(device=dev, dtype=dtype)
+    kinds = {}  # every preset read and checked against the model before anything is timed
+    for preset in presets:
+        path = Path(preset) if Path(preset).is_file() else REPO / preset
+        if not path.is_file():
+            print(f"error: preset {preset!r} is not a file", file=sys.stderr)
+            raise SystemExit(2)
+        fields = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k.startswith("ether_")}
+        try:
+            kinds[preset] = ether.Config.from_file(base_dir / "model_config.yaml", **fields)
+            with torch.device("meta"):
+                ether.GPT(kinds[preset])
+        except ether.ConfigError as err:
+            print(f"error: preset {preset!r} does not fit {base_dir}: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
     results = []
-    for k in adapters:
-        rows = Rows()
-        mixed = build_model(base_dir, pool[:k], rows).to(device=dev, dtype=dtype)
-        best = {"merged": 0.0, "mixed": 0.0}
-        for _ in range(repeats):  # interleaved: background load must not decide which looks faster
-            best["merged"] = max(best["merged"], rate(merged, single_rows, 1))
-            best["mixed"] = max(best["mixed"], rate(mixed, rows, k))
-        result = {"checkpoint_dir": str(base_dir), "device": dev.type, "batch_size": batch_size, "adapters": k,
-                  "prompt_len": prompt_len, "new_tokens": new_tokens, "merged_tokens_per_s": best["merged"],
-                  "mixed_tokens_per_s": best["mixed"], "ratio": best["mixed"] / best["merged"]}  # fmt: skip
-        results.append(result)
-        if json:
-            print(jsonlib.dumps(result), flush=True)
-        else:
-            print(f"K = {k:3d} adapters in a batch of {batch_size}: {best['mixed']:9.1f} tokens/s, one merged model"
-                  f" {best['merged']:9.1f} tokens/s ({result['ratio']:.2f} x)", flush=True)  # fmt: skip
-        del mixed
+    for preset, config in kinds.items():
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in ether.ether_state_dict(ether.GPT(config)).items()}
+        states = [{k: torch.randn(s, generator=generator) for k, s in shapes.items()} for _ in range(max(adapters))]
+        pool = [Adapter(f"a{i}", base_dir, config.ether_args(), state, Alpaca()) for i, state in enumerate(states)]
+        tuned = ether.GPT(config)  # the first adapter on the base weights, merged: a plain litgpt model
+        ether.load_base_checkpoint(tuned, base_dir / "lit_model.pth")
+        tuned.load_state_dict(states[0], strict=False)
+        merged = ether.merge_ether(tuned).to(device=dev, dtype=dtype)
+        for k in adapters:
+            rows = Rows()
+            mixed = build_model(base_dir, pool[:k], rows).to(device=dev, dtype=dtype)
+            runs: dict[str, list[float]] = {"merged": [], "mixed": []}
+            for _ in range(repeats):
+                runs["merged"].append(rate(merged, Rows(), 1))  # no tables: the rows go unused
+                runs["mixed"].append(rate(mixed, rows, k))
+            result = {"checkpoint_dir": str(base_dir), "device": dev.type, "threads": torch.get_num_threads(),
+                      "preset": preset, "batch_size": batch_size, "adapters": k, "prompt_len": prompt_len,
+                      "new_tokens": new_tokens, "repeats": repeats}  # fmt: skip
+            for name, values in runs.items():
+                result[f"{name}_tokens_per_s"] = statistics.median(values)
+                result[f"{name}_range"] = [min(values), max(values)]
+            ratios = [a / b for a, b in zip(runs["mixed"], runs["merged"])]  # each run against the one just before
+            result["ratio"], result["ratio_range"] = statistics.median(ratios), [min(ratios), max(ratios)]
+            results.append(result)
+            if json:
+                print(jsonlib.dumps(result), flush=True)
+            else:
+                (lo, hi), (mlo, mhi), (rlo, rhi) = result["mixed_range"], result["merged_range"], result["ratio_range"]
+                print(f"{preset}: K = {k:3d} adapters in a batch of {batch_size}: {result['mixed_tokens_per_s']:.1f}"
+                      f" tokens/s ({lo:.1f}-{hi:.1f}), one merged model {result['merged_tokens_per_s']:.1f}"
+                      f" ({mlo:.1f}-{mhi:.1f}); mixed / merged {result['ratio']:.2f} x ({rlo:.2f}-{rhi:.2f}),"
+                      f" medians of {repeats} runs", flush=True)  # fmt: skip
+            del mixed
     return results
 
 
@@ -777,8 +818,9 @@ def parser() -> argparse.ArgumentParser:
             )
             sp.add_argument("--device", choices=["cuda", "cpu"], default=default("device"))
             sp.add_argument("--batch_size", type=int, default=default("batch_size"))
+            sp.add_argument("--presets", nargs="+", default=default("presets"), help="finetune preset YAML files")
             sp.add_argument("--adapters", type=int, nargs="+", default=default("adapters"), help="values of K")
-            for arg in ("prompt_len", "new_tokens", "repeats"):
+            for arg in ("prompt_len", "new_tokens", "repeats", "threads"):
                 sp.add_argument(f"--{arg}", type=int, default=default(arg))
             continue
         sp.add_argument("--model", default=default("model"), help="a litgpt config name")

@@ -182,14 +182,37 @@ def test_generate_cpu(capsys):
     assert row["merged_params"] == row["base_params"]
 
 
+SERVE_PRESETS = ["config_hub/finetune/demo/ether.yaml", "config_hub/finetune/demo/etherplus.yaml"]
+
+
 def test_serve_cpu(capsys, checkpoint_dir):
-    """The serve mode decodes K mixed adapters and one merged model with the same engine, for every K asked."""
-    rows = run_json(capsys, "serve", "--checkpoint_dir", str(checkpoint_dir), "--adapters", "1", "3", "--batch_size",
-                    "3", "--prompt_len", "4", "--new_tokens", "3", "--repeats", "1", "--json")  # fmt: skip
-    assert [r["adapters"] for r in rows] == [1, 3]
+    """The serve mode decodes K mixed adapters of each preset's kind and one merged model with the same engine."""
+    rows = run_json(capsys, "serve", "--checkpoint_dir", str(checkpoint_dir), "--presets", *SERVE_PRESETS,
+                    "--adapters", "1", "3", "--batch_size", "3", "--prompt_len", "4", "--new_tokens", "3",
+                    "--repeats", "2", "--threads", "1", "--json")  # fmt: skip
+    assert [(r["preset"], r["adapters"]) for r in rows] == [(p, k) for p in SERVE_PRESETS for k in (1, 3)]
     for row in rows:
-        assert row["mixed_tokens_per_s"] > 0 and row["merged_tokens_per_s"] > 0
-        assert row["ratio"] == pytest.approx(row["mixed_tokens_per_s"] / row["merged_tokens_per_s"])
+        assert row["threads"] == 1 and row["repeats"] == 2
+        for name in ("mixed", "merged"):
+            low, high = row[f"{name}_range"]
+            assert 0 < low <= row[f"{name}_tokens_per_s"] <= high
+        low, high = row["ratio_range"]
+        assert low <= row["ratio"] <= high
+        assert low <= row["mixed_range"][1] / row["merged_range"][0]  # a ratio of two runs it made
+
+
+@pytest.mark.parametrize("preset", ["missing.yaml", "ether_nb: 5"])
+def test_serve_refuses_a_preset_before_timing(capsys, checkpoint_dir, tmp_path, preset):
+    """A preset that is not a file, or whose block count does not divide the model, stops the run in one line."""
+    if ":" in preset:
+        (tmp_path / "bad.yaml").write_text(f"ether_method: ether\nether_query: true\n{preset}\n")
+        preset = str(tmp_path / "bad.yaml")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(["serve", "--checkpoint_dir", str(checkpoint_dir), "--presets", SERVE_PRESETS[0], preset])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and out == ""  # not even the first, good preset was timed
+    assert err.count("\n") == 1 and err.startswith(f"error: preset {preset!r}")
 
 
 def test_time_cpu_quantized(capsys):
