@@ -764,10 +764,13 @@ def serve_cmd(
             shapes = {k: v.shape for k, v in ether.ether_state_dict(ether.GPT(config)).items()}
         states = [{k: torch.randn(s, generator=generator) for k, s in shapes.items()} for _ in range(max(adapters))]
         pool = [Adapter(f"a{i}", base_dir, config.ether_args(), state, Alpaca()) for i, state in enumerate(states)]
-        tuned = ether.GPT(config)  # the first adapter on the base weights, merged: a plain litgpt model
-        ether.load_base_checkpoint(tuned, base_dir / "lit_model.pth")
-        tuned.load_state_dict(states[0], strict=False)
-        merged = ether.merge_ether(tuned).to(device=dev, dtype=dtype)
+        with torch.device("meta"):  # the first adapter on the base weights, merged: a plain litgpt model
+            tuned = ether.GPT(config)
+        ether.load_base_checkpoint(tuned, base_dir / "lit_model.pth", assign=True)  # memory-mapped, as serve's
+        tuned.load_state_dict(states[0], strict=False, assign=True)
+        merged = ether.merge_ether(tuned)
+        merged.cos, merged.sin = merged.rope_cache(device=torch.device("cpu"))
+        merged = merged.to(device=dev, dtype=dtype).eval()
         for k in adapters:
             rows = Rows()
             mixed = build_model(base_dir, pool[:k], rows).to(device=dev, dtype=dtype)

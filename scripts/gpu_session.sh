@@ -5,13 +5,15 @@
 #   OUT=/tmp/cpu DEVICE=cpu LLAMA=pythia-14m PHI=pythia-14m DEMO_STEPS=20 bash scripts/gpu_session.sh  # a dry run
 #
 # Phases, each under its own timeout and skipped when the budget (BUDGET seconds) is spent:
+#   0. serve's decoding throughput, K adapters mixed in a batch against one merged model (scripts/benchmark.py
+#      serve), Llama-2-7B with the paper's ETHER and ETHER+ adapters (q and v, n = 32);
 #   1. training step time and peak memory (scripts/benchmark.py time): Llama-2-7B 4 x 512, Phi-1.5 4 x 256,
 #      Llama-2-7B 1 x 256, and the nf4 base against QLoRA; a profile of one step of LoRA, ETHER and ETHER+;
 #      merged vs base generation speed;
 #   2. the whole test suite with CUDA visible in the background (8 workers), while the foreground runs a
 #      real-size finetune / resume / merge check (scripts/finetune_check.py) and times the demo's pretraining
 #      on the GPU (scripts/make_demo.py).
-# The timings of phase 1 have the GPU and the CPU to themselves: eager decoding and small steps are bound by
+# The timings of phases 0 and 1 have the GPU and the CPU to themselves: eager decoding and small steps are bound by
 # the CPU issuing kernels, so a busy CPU would slow them.
 # Offline machines: wheels in .whl/ (litgpt and what the image lacks) are installed to /tmp/site first.
 # Writes $OUT/log.txt (everything, in order) and $OUT/pytest.txt.
@@ -64,6 +66,8 @@ export PATH=/tmp/bin:$PATH
 } >>"$LOG" 2>&1
 
 B="python3 scripts/benchmark.py"
+phase "serve $LLAMA" 150 $B serve --device "$DEVICE" --checkpoint_dir "$LLAMA" --adapters 1 64 --repeats 3 \
+    --presets config_hub/finetune/llama-2-7b/ether.yaml config_hub/finetune/llama-2-7b/etherplus.yaml
 VARIANTS="frozen lora-r8 ether-n1 ether-n4 ether-n32 etherplus-n1 etherplus-n4 etherplus-n32"
 phase "time $LLAMA 4x512" 110 $B time --device "$DEVICE" --model "$LLAMA" --micro_batch_size 4 --seq_len 512 --variants $VARIANTS
 phase "time $PHI 4x256" 60 $B time --device "$DEVICE" --model "$PHI" --micro_batch_size 4 --seq_len 256 --variants $VARIANTS
