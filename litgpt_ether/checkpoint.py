@@ -175,29 +175,29 @@ def check_adapter_fits(model: litgpt.model.GPT, adapter_state: dict[str, torch.T
         )
 
 
-def load_weights(
-    model: litgpt.model.GPT, resolved: Resolved, adapter_state: dict[str, torch.Tensor] | None, assign: bool = False
-) -> None:
-    """Base weights strictly (but for ETHER keys), then the adapter, checked to fit before it is loaded."""
+def model_from_checkpoint(
+    config: litgpt.config.Config, base_checkpoint: Path, adapter_state: dict[str, torch.Tensor] | None = None
+) -> litgpt.model.GPT:
+    """A model for inference, built on the meta device and filled with the base checkpoint's own (memory-mapped)
+    tensors, strictly but for ETHER keys, then the adapter's, so a 7B model costs no fp32 copy in RAM; the caller
+    moves it to its device and precision. Whether the adapter fits is the caller's to check (``check_adapter_fits``),
+    with the file to name."""
+    with torch.device("meta"):
+        model = instantiate(config)
+    load_base_checkpoint(model, base_checkpoint, assign=True)
     if adapter_state is not None:
-        check_adapter_fits(model, adapter_state, resolved)
-    load_base_checkpoint(model, resolved.base_dir / MODEL_FILE, assign=assign)
-    if adapter_state is not None:
-        model.load_state_dict(adapter_state, strict=False, assign=assign)
+        model.load_state_dict(adapter_state, strict=False, assign=True)
+    model.cos, model.sin = model.rope_cache(device=torch.device("cpu"))  # non-persistent: not in the checkpoint
+    return model.eval()
 
 
 def load_model(resolved: Resolved) -> litgpt.model.GPT:
-    """A model ready for inference: plain litgpt when merged, ETHER layers when not.
-
-    Built on the meta device and filled with the checkpoint's own (memory-mapped) tensors, so a 7B
-    model costs no fp32 copy in RAM; the caller moves it to its device and precision.
-    """
+    """A model ready for inference: plain litgpt when merged, ETHER layers when not (``model_from_checkpoint``)."""
     config, adapter_state = build_config(resolved)
-    with torch.device("meta"):
-        model = instantiate(config)
-    load_weights(model, resolved, adapter_state, assign=True)
-    model.cos, model.sin = model.rope_cache(device=torch.device("cpu"))  # non-persistent: not in the checkpoint
-    return model.eval()
+    if adapter_state is not None:
+        with torch.device("meta"):
+            check_adapter_fits(instantiate(config), adapter_state, resolved)
+    return model_from_checkpoint(config, resolved.base_dir / MODEL_FILE, adapter_state)
 
 
 def merge_adapter(resolved: Resolved, out_dir: Path) -> Path:
@@ -206,11 +206,7 @@ def merge_adapter(resolved: Resolved, out_dir: Path) -> Path:
     Validates everything before writing, and writes the weights atomically: a failed merge leaves nothing.
     """
     assert resolved.adapter is not None
-    config, adapter_state = build_config(resolved)
-    with torch.device("meta"):
-        model = instantiate(config)
-    load_weights(model, resolved, adapter_state, assign=True)
-    merged = merge_ether(model).state_dict()
+    merged = merge_ether(load_model(resolved)).state_dict()
     bad = [k for k, v in merged.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ConfigError(f"merging {str(resolved.adapter)!r} gives non-finite weights in {bad[:3]}; nothing written")

@@ -29,14 +29,20 @@ from litgpt.generate.base import sample
 from litgpt.prompts import PromptStyle
 from litgpt.tokenizer import Tokenizer
 
-from litgpt_ether.checkpoint import MODEL_FILE, check_adapter_fits, check_checkpoint_dir, load_adapter, resolve
+from litgpt_ether.checkpoint import (
+    MODEL_FILE,
+    check_adapter_fits,
+    check_checkpoint_dir,
+    load_adapter,
+    model_from_checkpoint,
+    resolve,
+)
 from litgpt_ether.checks import ConfigError, InferenceQuantize, check_number, check_numbers, quantization, require_extra
 from litgpt_ether.ether import (
     GPT,
     Config,
     ETHERLayer,
     ETHERQKVLinear,
-    load_base_checkpoint,
     reflect,
     transform_outputs,
     unit_vectors,
@@ -243,16 +249,14 @@ def _table(
 
 
 def build_model(base_dir: Path, adapters: Sequence[Adapter], rows: Rows) -> GPT:
-    """The base model (weights memory-mapped, as ``load_model``) with an ``AdapterTable`` on every reflected side.
+    """The base model (weights memory-mapped: ``model_from_checkpoint``) with an ``AdapterTable`` on every reflected
+    side.
 
     A side that no adapter reflects is dropped (it would cost an identity pass), except the fused QKV's output
     segments, which its forward expects.
     """
     config = _union_config(base_dir, adapters)
-    with torch.device("meta"):
-        model = GPT(config)
-    load_base_checkpoint(model, base_dir / MODEL_FILE, assign=True)
-    model.cos, model.sin = model.rope_cache(device=torch.device("cpu"))
+    model = model_from_checkpoint(config, base_dir / MODEL_FILE)
     slots = max(a.ether_args["ether_nb"] for a in adapters) // config.ether_nb
     coefs = (-1.0, 1.0) * slots if config.ether_plus else (-2.0,) * slots
     table = partial(_table, adapters, n_blocks=config.ether_nb, plus=config.ether_plus, vectors=len(coefs))

@@ -720,6 +720,7 @@ def serve_cmd(
     import yaml
     from litgpt.prompts import Alpaca
 
+    from litgpt_ether.checkpoint import MODEL_FILE, model_from_checkpoint
     from litgpt_ether.serve import Adapter, Request, Rows, build_model, decode
 
     dev, dtype = resolve_device(device)
@@ -743,34 +744,28 @@ def serve_cmd(
         sync(dev)
         return batch_size * new_tokens / (time.perf_counter() - t0)
 
-    kinds = {}  # every preset read and checked against the model before anything is timed
+    kinds = {}  # every preset read and checked against the model before anything is timed: its config, adapter shapes
     for preset in presets:
         path = Path(preset) if Path(preset).is_file() else REPO / preset
-        if not path.is_file():
-            print(f"error: preset {preset!r} is not a file", file=sys.stderr)
+        preset_fields = yaml.safe_load(path.read_text()) if path.is_file() else None
+        if not isinstance(preset_fields, dict):
+            print(f"error: preset {preset!r} is not a finetune preset YAML file", file=sys.stderr)
             raise SystemExit(2)
-        fields = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k.startswith("ether_")}
+        fields = {k: v for k, v in preset_fields.items() if k.startswith("ether_")}
         try:
-            kinds[preset] = ether.Config.from_file(base_dir / "model_config.yaml", **fields)
+            config = ether.Config.from_file(base_dir / "model_config.yaml", **fields)
             with torch.device("meta"):
-                ether.GPT(kinds[preset])
+                kinds[preset] = config, {k: v.shape for k, v in ether.ether_state_dict(ether.GPT(config)).items()}
         except ether.ConfigError as err:
             print(f"error: preset {preset!r} does not fit {base_dir}: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 
     results = []
-    for preset, config in kinds.items():
-        with torch.device("meta"):
-            shapes = {k: v.shape for k, v in ether.ether_state_dict(ether.GPT(config)).items()}
+    for preset, (config, shapes) in kinds.items():
         states = [{k: torch.randn(s, generator=generator) for k, s in shapes.items()} for _ in range(max(adapters))]
         pool = [Adapter(f"a{i}", base_dir, config.ether_args(), state, Alpaca()) for i, state in enumerate(states)]
-        with torch.device("meta"):  # the first adapter on the base weights, merged: a plain litgpt model
-            tuned = ether.GPT(config)
-        ether.load_base_checkpoint(tuned, base_dir / "lit_model.pth", assign=True)  # memory-mapped, as serve's
-        tuned.load_state_dict(states[0], strict=False, assign=True)
-        merged = ether.merge_ether(tuned)
-        merged.cos, merged.sin = merged.rope_cache(device=torch.device("cpu"))
-        merged = merged.to(device=dev, dtype=dtype).eval()
+        # the first adapter on the base weights, merged (a plain litgpt model), loaded as serve loads its own
+        merged = ether.merge_ether(model_from_checkpoint(config, base_dir / MODEL_FILE, states[0])).to(dev, dtype)
         for k in adapters:
             rows = Rows()
             mixed = build_model(base_dir, pool[:k], rows).to(device=dev, dtype=dtype)

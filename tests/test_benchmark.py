@@ -201,10 +201,14 @@ def test_serve_cpu(capsys, checkpoint_dir):
         assert low <= row["mixed_range"][1] / row["merged_range"][0]  # a ratio of two runs it made
 
 
-@pytest.mark.parametrize("preset", ["missing.yaml", "ether_nb: 5"])
+@pytest.mark.parametrize("preset", ["missing.yaml", "- a list", "ether_nb: 5"])
 def test_serve_refuses_a_preset_before_timing(capsys, checkpoint_dir, tmp_path, preset):
-    """A preset that is not a file, or whose block count does not divide the model, stops the run in one line."""
-    if ":" in preset:
+    """A preset that is not a file, not a YAML mapping, or whose block count does not divide the model, stops the
+    run in one line."""
+    if preset.startswith("- "):
+        (tmp_path / "list.yaml").write_text(preset + "\n")
+        preset = str(tmp_path / "list.yaml")
+    elif ":" in preset:
         (tmp_path / "bad.yaml").write_text(f"ether_method: ether\nether_query: true\n{preset}\n")
         preset = str(tmp_path / "bad.yaml")
     capsys.readouterr()
