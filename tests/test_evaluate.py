@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import export_to_hf, run_cli
+from conftest import export_to_hf, run_main
 from litgpt.tokenizer import Tokenizer
 
 pytest.importorskip("lm_eval", reason="the eval extra installs lm-eval")
@@ -166,7 +166,7 @@ def test_scores_and_generations_equal_lm_evals_own_hf_model_on_the_exported_chec
 
 
 def cli_evaluate(checkpoint: Path, out_dir: Path):
-    return run_cli(
+    return run_main(
         "evaluate", str(checkpoint), "--tasks", ",".join(TASK_NAMES), "--include_path", str(TASKS_DIR),
         "--limit", "4", "--num_fewshot", "1", "--batch_size", "3", "--precision", "32-true", "--out_dir", str(out_dir),
     )  # fmt: skip
@@ -216,7 +216,7 @@ def test_final_adapter_applied_to_its_base_gives_the_merged_metrics(cli_runs, fi
 
 def test_unknown_task_is_a_one_line_error_and_nothing_is_written(checkpoint_dir, tmp_path):
     out_dir = tmp_path / "eval"
-    result = run_cli(
+    result = run_main(
         "evaluate", str(checkpoint_dir), "--tasks", "colours_reverse_mc,no_such_task", "--include_path",
         str(TASKS_DIR), "--out_dir", str(out_dir),
     )  # fmt: skip

@@ -10,7 +10,7 @@ import litgpt.config
 import litgpt.model
 import pytest
 import torch
-from conftest import finetune_args, read_yaml, run_cli
+from conftest import finetune_args, read_yaml, run_main
 from litgpt.prompts import load_prompt_style
 from litgpt.tokenizer import Tokenizer
 
@@ -30,7 +30,7 @@ def logged_losses(out_dir: Path) -> list[float]:
 @pytest.mark.parametrize("method", ["ether", "etherplus", "oft", "naive"])
 def test_finetune_learns_and_writes_reloadable_outputs(checkpoint_dir, dataset_path, tmp_path, method):
     out_dir = tmp_path / "out"
-    result = run_cli(*finetune_args(checkpoint_dir, dataset_path, out_dir, "--ether_method", method))
+    result = run_main(*finetune_args(checkpoint_dir, dataset_path, out_dir, "--ether_method", method))
     assert result.returncode == 0, result.stderr[-3000:]
     # the example generated at each validation fits the context, so litgpt's "Skipping example generation" is gone
     assert "Skipping example generation" not in result.stdout and result.stdout.count("### Response:") >= 2
@@ -76,7 +76,7 @@ def last_line(result: subprocess.CompletedProcess) -> str:
 
 
 def test_nb_not_dividing_is_a_one_line_error(checkpoint_dir, dataset_path, tmp_path):
-    result = run_cli(*finetune_args(checkpoint_dir, dataset_path, tmp_path / "out", "--ether_nb", "3"))
+    result = run_main(*finetune_args(checkpoint_dir, dataset_path, tmp_path / "out", "--ether_nb", "3"))
     assert result.returncode != 0
     assert last_line(result) == "litgpt_ether: error: ether_nb=3 does not divide lm_head input (size 32)"
     assert "Traceback" not in result.stderr
@@ -86,14 +86,14 @@ def test_nb_not_dividing_is_a_one_line_error(checkpoint_dir, dataset_path, tmp_p
 def test_no_target_is_an_error(checkpoint_dir, dataset_path, tmp_path):
     off = ["--ether_query", "--ether_value", "--ether_projection", "--ether_mlp", "--ether_head"]
     args = finetune_args(checkpoint_dir, dataset_path, tmp_path / "out", *(a for flag in off for a in (flag, "false")))
-    result = run_cli(*args)
+    result = run_main(*args)
     assert result.returncode != 0
     assert last_line(result).startswith("litgpt_ether: error: no ETHER target enabled")
     assert "Traceback" not in result.stderr
 
 
 def test_missing_checkpoint_dir_is_a_clear_error(dataset_path, tmp_path):
-    result = run_cli(*finetune_args(tmp_path / "nowhere", dataset_path, tmp_path / "out"))
+    result = run_main(*finetune_args(tmp_path / "nowhere", dataset_path, tmp_path / "out"))
     assert result.returncode != 0
     assert last_line(result) == (
         f"litgpt_ether: error: checkpoint_dir {str(tmp_path / 'nowhere')!r} is not a checkpoint directory."
@@ -107,7 +107,7 @@ def test_incomplete_checkpoint_dir_names_the_missing_files(checkpoint_dir, datas
     shutil.copytree(checkpoint_dir, incomplete)
     (incomplete / "tokenizer.json").unlink()
     (incomplete / "lit_model.pth").unlink()
-    result = run_cli(*finetune_args(incomplete, dataset_path, tmp_path / "out"))
+    result = run_main(*finetune_args(incomplete, dataset_path, tmp_path / "out"))
     assert result.returncode != 0
     assert last_line(result) == (
         f"litgpt_ether: error: checkpoint_dir {str(incomplete)!r} is missing the files:"
@@ -120,7 +120,7 @@ def test_incomplete_checkpoint_dir_names_the_missing_files(checkpoint_dir, datas
 def test_global_batch_smaller_than_one_micro_batch_per_device_is_a_one_line_error(
     checkpoint_dir, dataset_path, tmp_path
 ):
-    result = run_cli(*finetune_args(checkpoint_dir, dataset_path, tmp_path / "out", "--devices", "2"))
+    result = run_main(*finetune_args(checkpoint_dir, dataset_path, tmp_path / "out", "--devices", "2"))
     assert result.returncode != 0
     assert last_line(result) == (
         "litgpt_ether: error: train.global_batch_size=8 is smaller than devices x num_nodes x"
@@ -142,7 +142,7 @@ def test_optimizer_options_given_key_by_key_reach_the_optimizer():
 
 def test_warmup_as_long_as_the_run_is_a_one_line_error(checkpoint_dir, dataset_path, tmp_path):
     args = finetune_args(checkpoint_dir, dataset_path, tmp_path / "out", "--train.lr_warmup_steps", "40")
-    result = run_cli(*args)
+    result = run_main(*args)
     assert result.returncode != 0
     assert last_line(result) == (
         "litgpt_ether: error: train.lr_warmup_steps=40 leaves no step after warmup (the run has 40)"

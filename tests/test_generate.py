@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, run_main
 
 from litgpt_ether import ConfigError
 from litgpt_ether import chat as chat_verb
@@ -62,7 +62,7 @@ def test_generate_wraps_the_prompt_in_the_saved_prompt_style(finetune_out, check
 
 def test_cli_generate_applies_an_unmerged_adapter_and_reports_tokens_per_second(finetune_out, tmp_path, capsys):
     step_dir = finetune_out / "step-000020"  # an adapter only, no merged weights
-    result = run_cli("generate", str(step_dir), "--prompt", PROMPT, *GREEDY)
+    result = run_main("generate", str(step_dir), "--prompt", PROMPT, *GREEDY)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "applied on the fly" in result.stderr
     assert "tokens/sec" in last_line(result)
@@ -92,7 +92,7 @@ def test_chat_ends_cleanly_at_the_end_of_input(finetune_out, monkeypatch, capsys
 
 
 def test_cli_generate_prompt_too_long_for_the_context_is_a_one_line_error(finetune_out):
-    result = run_cli("generate", str(finetune_out / "final"), "--prompt", TOO_LONG, *GREEDY)
+    result = run_main("generate", str(finetune_out / "final"), "--prompt", TOO_LONG, *GREEDY)
     assert result.returncode != 0
     assert last_line(result).startswith("litgpt_ether: error: the prompt is 1")
     assert "do not fit in the model's context of 128" in last_line(result)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_cli
+from conftest import run_main
 from test_ether import dense_h, dense_matrix
 
 from litgpt_ether import GPT, Config, ether_state_dict
@@ -187,7 +187,7 @@ def test_table_has_a_row_per_layer_and_segment(checkpoint_dir, tmp_path, capsys)
 
 def test_cli_json_lists_every_targeted_layer_and_segment(checkpoint_dir, tmp_path):
     state = write_adapter(tmp_path, checkpoint_dir, ether_method="ether", ether_nb=4)
-    result = run_cli("inspect", str(tmp_path / ADAPTER_FILE), "--base_checkpoint_dir", str(checkpoint_dir), "--json",
+    result = run_main("inspect", str(tmp_path / ADAPTER_FILE), "--base_checkpoint_dir", str(checkpoint_dir), "--json",
                      "true")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     reports = json.loads(result.stdout)  # stdout holds the JSON alone
@@ -196,7 +196,7 @@ def test_cli_json_lists_every_targeted_layer_and_segment(checkpoint_dir, tmp_pat
 
 
 def test_cli_directory_without_an_adapter_is_a_one_line_error(checkpoint_dir):
-    result = run_cli("inspect", str(checkpoint_dir))
+    result = run_main("inspect", str(checkpoint_dir))
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("litgpt_ether: error: ")
     assert "holds no ETHER adapter" in result.stderr and "Traceback" not in result.stderr

@@ -7,7 +7,7 @@ import litgpt.config
 import litgpt.model
 import pytest
 import torch
-from conftest import run_cli, run_main
+from conftest import run_main
 from litgpt.utils import save_config
 
 from litgpt_ether import ConfigError
@@ -92,7 +92,7 @@ def test_corrupted_adapter_is_a_one_line_error(finetune_out, tmp_path):
     shutil.copytree(finetune_out / "step-000020", adapter_dir)
     data = (adapter_dir / ADAPTER_FILE).read_bytes()
     (adapter_dir / ADAPTER_FILE).write_bytes(data[: len(data) // 2])
-    result = run_cli("merge", str(adapter_dir), "--out_dir", str(tmp_path / "merged"))
+    result = run_main("merge", str(adapter_dir), "--out_dir", str(tmp_path / "merged"))
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("litgpt_ether: error: ") and "is not a readable ETHER adapter" in last
@@ -106,7 +106,7 @@ def test_directory_without_an_adapter_is_refused(checkpoint_dir):
 
 
 def test_missing_path_is_a_clear_error(tmp_path):
-    result = run_cli("merge", str(tmp_path / "nowhere"))
+    result = run_main("merge", str(tmp_path / "nowhere"))
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         f"litgpt_ether: error: checkpoint_dir {str(tmp_path / 'nowhere')!r} is not a checkpoint directory."
