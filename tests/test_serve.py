@@ -37,7 +37,7 @@ from litgpt_ether.ether import (
     reflect_through,
     weight_units,
 )
-from litgpt_ether.serve import Request, Rows, build_model, decode, load_adapters
+from litgpt_ether.serve import Request, Rows, RowsKVCache, build_model, decode, load_adapters
 
 # Every kind of adapter the server mixes: methods, sides, block counts (1, 2, 4: a table of gcd 1) and targets
 ADAPTERS = {
@@ -60,6 +60,23 @@ def dense_h(units: torch.Tensor, coefs: tuple[float, ...]) -> torch.Tensor:
     """``blockdiag_b(I + sum_j c_j w_bj w_bjᵀ)`` for one row's ``(n, j, k)`` units."""
     blocks = [torch.eye(u.shape[-1]) + sum(c * torch.outer(w, w) for c, w in zip(coefs, u)) for u in units]
     return torch.block_diag(*blocks)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_rows_kv_cache_writes_each_row_at_its_own_positions_as_litgpts_does(tokens):
+    cache_rows, rows, groups, length, size = 5, 4, 2, 10, 3  # a batch smaller than the cache, as after rows finish
+    ours = litgpt.model.KVCache((cache_rows, groups, length, size), (cache_rows, groups, length, size + 1))
+    ours.k.normal_(), ours.v.normal_()
+    theirs = litgpt.model.KVCache(ours.k.shape, ours.v.shape)
+    theirs.k.copy_(ours.k), theirs.v.copy_(ours.v)
+    ours.__class__ = RowsKVCache
+    positions = torch.stack([torch.randperm(length)[:tokens] for _ in range(rows)])  # a different place per row
+    k, v = torch.randn(rows, groups, tokens, size), torch.randn(rows, groups, tokens, size + 1)
+    for got, want in zip(ours(positions, k, v), theirs(positions, k, v), strict=True):  # litgpt: row by row
+        assert torch.equal(got, want) and got.shape[0] == rows
+    assert torch.equal(ours.k, theirs.k) and torch.equal(ours.v, theirs.v)  # the rows beyond the batch untouched
+    for b in range(rows):
+        assert torch.equal(ours.k[b][:, positions[b]], k[b]) and torch.equal(ours.v[b][:, positions[b]], v[b])
 
 
 class Int8Linear(torch.nn.Module):
