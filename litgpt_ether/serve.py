@@ -303,7 +303,7 @@ class RowsKVCache(litgpt.model.KVCache):
 
     litgpt writes such a batch row by row, a Python loop of ``index_copy_``: 2·B small operations per layer and
     decoding step (on a GPU, as many kernel launches), for the merged model as much as for the mixed one. Here a k
-    and v write of 64 rows ran 4-13x faster on a 2-core CPU (docs/benchmarks.md). ``decode`` turns the caches litgpt
+    and v write of 64 rows ran 3-13x faster on a 2-core CPU (docs/benchmarks.md). ``decode`` turns the caches litgpt
     builds into this class, which adds no state.
     """
 
