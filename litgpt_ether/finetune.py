@@ -95,8 +95,9 @@ from litgpt_ether.ether import (
     mark_only_ether_as_trainable,
 )
 
-# what Fabric's ModelParallelStrategy (FSDP2) runs with
-FSDP_PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-true")
+# what Fabric's ModelParallelStrategy (FSDP2) runs with; not 16-true: ETHER's vectors stay in fp32 there
+# (``trainable_in_fp32``), and FSDP2 wants one dtype for all of a module's parameters
+FSDP_PRECISIONS = ("32-true", "bf16-true", "bf16-mixed")
 # optimizer state saved whole (FSDP shards gathered) and loaded from whole tensors: one format for any world size
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -307,6 +308,7 @@ def main(
     if checkpoint_blocks:  # with FSDP, ``parallelize`` does it
         checkpoint_each_block(model)
     model = fabric.setup_module(model)
+    trainable_in_fp32(model)
     load_base_checkpoint(model, checkpoint_dir / "lit_model.pth")
     load_state(model, adapter)
     if fabric.world_size > 1:
@@ -387,6 +389,18 @@ def format_summary(summary: dict) -> str:
     if "exact_match_after" in summary:
         parts.append(f"held-out exact match {summary['exact_match_before']:.1%} -> {summary['exact_match_after']:.1%}")
     return "Summary | " + " | ".join(parts)
+
+
+def trainable_in_fp32(model: torch.nn.Module) -> None:
+    """Under ``--precision 16-true``, keep the trainable vectors (and so their gradients and AdamW's state) in fp32.
+
+    Why: in float16, AdamW's ``eps`` (1e-8) and small squared gradients round to zero, so its first update divides
+    by zero and the loss is NaN from the second step. The vectors are few (a 7B model's are 1 MB in fp32), and the
+    layers cast the unit vectors to the activations' dtype, so the forward still runs in float16.
+    """
+    for p in model.parameters():
+        if p.requires_grad and p.dtype == torch.float16:
+            p.data = p.data.float()
 
 
 def normalize_optimizer(optimizer: str | dict) -> str | dict:

@@ -260,10 +260,11 @@ def test_quantize_settings_bitsandbytes_cannot_run_are_one_line(
     assert not (tmp_path / "out").exists()
 
 
-def test_a_precision_fsdp_cannot_run_is_one_line(checkpoint_dir, dataset_path, tmp_path):
+@pytest.mark.parametrize("precision", ["16-mixed", "16-true"])
+def test_a_precision_fsdp_cannot_run_is_one_line(checkpoint_dir, dataset_path, tmp_path, precision):
     args = finetune_args(checkpoint_dir, dataset_path, tmp_path / "out", "--accelerator", "cpu", "--devices", "2",
-                         "--precision", "16-mixed")  # fmt: skip
-    one_line_error(run_main(*args), "--precision 16-mixed does not work with FSDP (more than one device)")
+                         "--precision", precision)  # fmt: skip
+    one_line_error(run_main(*args), f"--precision {precision} does not work with FSDP (more than one device)")
     assert not (tmp_path / "out").exists()
 
 

@@ -99,7 +99,7 @@ def logged_losses(out_dir) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(f) if row.get("loss")]
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true", "16-true"])
 @pytest.mark.parametrize("method", ["ether", "etherplus"])
 def test_training_at_learning_rate_0_1_stays_finite_and_bounded(
     checkpoint_dir, dataset_path, tmp_path, method, precision
@@ -112,7 +112,8 @@ def test_training_at_learning_rate_0_1_stays_finite_and_bounded(
     losses = logged_losses(out_dir)
     assert len(losses) == 6 and all(math.isfinite(loss) for loss in losses)
     state, ether_args = load_adapter(out_dir / "final" / ADAPTER_FILE)
-    assert {v.dtype for v in state.values()} == {torch.float32 if precision == "32-true" else torch.bfloat16}
+    # 16-true trains the vectors in fp32 (AdamW's state in float16 is NaN from its second step)
+    assert {v.dtype for v in state.values()} == {torch.bfloat16 if precision == "bf16-true" else torch.float32}
     assert all(torch.isfinite(v).all() for v in state.values())
     merged = torch.load(out_dir / "final" / "lit_model.pth", weights_only=True)
     assert all(torch.isfinite(v).all() for v in merged.values())
