@@ -81,7 +81,9 @@ def synchronizations(step) -> int:
             step()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    return sum("synchronizing" in str(w.message) for w in caught)
+    # only torch's per-sync warning: the notice it gives once per process on entering the mode ("... does not yet
+    # detect all synchronizing operations") counted too, and failed whichever test a worker ran first
+    return sum(str(w.message).startswith("called a synchronizing CUDA operation") for w in caught)
 
 
 @pytest.mark.parametrize("method", ["ether", "etherplus", "etherplus-one-sided", "oft", "naive"])
