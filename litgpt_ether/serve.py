@@ -111,18 +111,41 @@ class ServedQKV(ETHERQKVLinear):
     of vectors, cheap when shared by the batch); with a set per row that would cost as much as the matmul again, so
     the served layer reflects the input per segment instead: three matmuls that together are the fused one. A
     quantized weight cannot be sliced and keeps the low-rank path.
+
+    Output side: where q, k and v are the same size (not GQA), one table spans the whole output (``fuse_outputs``)
+    and q, k and v reflect in one pass: three operations per vector for the layer instead of three per segment
+    plus a copy back into the output. Each is a kernel launch on a GPU, where eager decoding is bound by issuing
+    them.
     """
 
+    def fuse_outputs(self) -> None:
+        """Replace the output segments' tables by one for ``[q | k | v]``, ``out_rows``; an untargeted segment's
+        vectors are zero (``H = I``). Not for unequal segments, nor with a quantized weight and input reflections
+        (the low-rank path reflects outputs by segment): ``out_rows`` is None there."""
+        self.out_rows: AdapterTable | None = None  # an instance attribute: a class one would hide the submodule
+        quantized_inputs = self.ether_in is not None and not self.weight.dtype.is_floating_point
+        if len(set(self.sizes)) > 1 or quantized_inputs:
+            return
+        tables = {segment: t.table for segment, t in self.ether_out.items()}
+        zeros = torch.zeros_like(next(iter(tables.values())))
+        first = next(iter(self.ether_out.values()))
+        self.out_rows = AdapterTable(torch.cat([tables.get(s, zeros) for s in "qkv"], dim=1), first.coefs, first.rows)
+        self.ether_out = None  # its tables live on in ``out_rows``: not twice in memory
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.ether_in is None or not self.weight.dtype.is_floating_point:
+        if self.out_rows is None and (self.ether_in is None or not self.weight.dtype.is_floating_point):
             return super().forward(x)
-        targeted = dict(self.segments)
-        pieces = [F.linear(self.ether_in[targeted[i]](x) if i in targeted else x, self.weight[a:b])
-                  for i, (a, b) in enumerate(self.bounds)]  # fmt: skip
-        slices = [self.bounds[i] for i, _ in self.segments]
-        return transform_outputs(
-            torch.cat(pieces, dim=-1), self.bias, slices, [self.ether_out[s] for _, s in self.segments]
-        )
+        if self.ether_in is None:
+            z = self.project(x, bias=False)
+        else:
+            targeted = dict(self.segments)
+            z = torch.cat([F.linear(self.ether_in[targeted[i]](x) if i in targeted else x, self.weight[a:b])
+                           for i, (a, b) in enumerate(self.bounds)], dim=-1)  # fmt: skip
+        if self.out_rows is None:
+            slices = [self.bounds[i] for i, _ in self.segments]
+            return transform_outputs(z, self.bias, slices, [self.ether_out[s] for _, s in self.segments])
+        z = self.out_rows(z)
+        return z if self.bias is None else z + self.bias
 
 
 @dataclass
@@ -275,6 +298,8 @@ def build_model(base_dir: Path, adapters: Sequence[Adapter], rows: Rows) -> GPT:
                 if side == "ether_in" and not any(used):
                     layer.ether_in = None
                 layer.__class__ = ServedQKV  # same state, the serving forward
+                if side == "ether_out":
+                    layer.fuse_outputs()
             else:
                 units, found = table(f"{name}.{side}", sides.u.numel())
                 setattr(layer, side, AdapterTable(units, coefs, rows) if found else None)

@@ -199,6 +199,12 @@ def test_serve_cpu(capsys, checkpoint_dir):
         low, high = row["ratio_range"]
         assert low <= row["ratio"] <= high
         assert low <= row["mixed_range"][1] / row["merged_range"][0]  # a ratio of two runs it made
+    ops = {(r["preset"], r["adapters"]): (r["mixed_ops_per_step"], r["merged_ops_per_step"]) for r in rows}
+    for mixed, merged in ops.values():
+        assert 0 < merged < mixed  # each reflection is operators of its own
+    assert len({merged for _, merged in ops.values()}) == 1  # the same plain litgpt model whatever the preset
+    # two-sided ETHER+ reflects both sides of every linear, with two vectors each: more than ETHER's output sides
+    assert ops[(SERVE_PRESETS[1], 3)][0] > ops[(SERVE_PRESETS[0], 3)][0]
 
 
 @pytest.mark.parametrize("preset", ["missing.yaml", "- a list", "ether_nb: 5"])

@@ -168,7 +168,7 @@ def requests_for(base: Path, names: list[str], **sampling) -> list[Request]:
             for p in PROMPTS for row in range(len(names) + 1)]  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["llama-gqa", "neox-bias", "gemma-mqa"])
+@pytest.fixture(scope="module", params=["llama-mha", "llama-gqa", "neox-bias", "gemma-mqa"])
 def served_family(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     base = family_base(directory / "base", request.param)
