@@ -758,11 +758,12 @@ def serve_cmd(
         return [Request(1 + i % k, prompts[i].to(dev), tokens, 0.0, None, 1.0, ()) for i in range(batch_size)]
 
     def rate(model: nn.Module, rows: Rows, k: int) -> float:
-        for _ in decode(model, rows, requests(k, new_tokens)[:2]):  # warm-up
+        batch = requests(k, new_tokens)  # built before the clock starts
+        for _ in decode(model, rows, batch[:2]):  # warm-up
             pass
         sync(dev)
         t0 = time.perf_counter()
-        for _ in decode(model, rows, requests(k, new_tokens)):
+        for _ in decode(model, rows, batch):
             pass
         sync(dev)
         return batch_size * new_tokens / (time.perf_counter() - t0)
@@ -799,10 +800,11 @@ def serve_cmd(
         pool = [Adapter(f"a{i}", base_dir, config.ether_args(), state, Alpaca()) for i, state in enumerate(states)]
         # the first adapter on the base weights, merged (a plain litgpt model), loaded as serve loads its own
         merged = ether.merge_ether(model_from_checkpoint(config, base_dir / MODEL_FILE, states[0])).to(dev, dtype)
+        merged_ops = ops_per_step(merged, Rows(), 1)  # the same for every K
         for k in adapters:
             rows = Rows()
             mixed = build_model(base_dir, pool[:k], rows).to(device=dev, dtype=dtype)
-            ops = {"merged": ops_per_step(merged, Rows(), 1), "mixed": ops_per_step(mixed, rows, k)}
+            ops = {"merged": merged_ops, "mixed": ops_per_step(mixed, rows, k)}
             runs: dict[str, list[float]] = {"merged": [], "mixed": []}
             for _ in range(repeats):
                 runs["merged"].append(rate(merged, Rows(), 1))  # no tables: the rows go unused
