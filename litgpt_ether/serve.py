@@ -10,6 +10,7 @@ are batched by LitServe whatever adapters they name, and decoded together with a
 """
 
 import math
+import os
 import signal
 import socket
 import sys
@@ -540,6 +541,7 @@ class AdapterAPI(LitAPI):
         self.precision, self.quantize = precision, quantize
 
     def setup(self, device: str) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: ``stop_quietly``
         precision, plugins = quantization(self.quantize, self.precision, training=False)
         accelerator, _, index = device.partition(":")
         fabric = L.Fabric(accelerator=accelerator, devices=[int(index)] if index else 1, precision=precision,
@@ -583,24 +585,39 @@ class AdapterAPI(LitAPI):
 
 
 def port_free(host: str, port: int) -> None:
-    """Refuse an address LitServe cannot listen on, or a port something else listens on, before the model loads."""
+    """Refuse an address LitServe cannot listen on, or a port something else listens on, before the model loads.
+
+    Binds as uvicorn does, with SO_REUSEADDR: a server stopped a moment ago leaves its connections in TIME_WAIT for
+    a minute, which would refuse a restart on the same port although uvicorn could listen there.
+    """
     if host not in HOSTS:
         raise ConfigError(f"--host must be one of {', '.join(HOSTS)} (what LitServe listens on), got {host!r}")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as err:
             raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror}): choose another --port") from None
 
 
-def stop_on_sigterm() -> None:
-    """``kill``, ``docker stop`` and systemd send SIGTERM: shut down as on Ctrl-C, so that LitServe stops the worker
-    and HTTP processes it started (on SIGTERM they would outlive it, one of them polling a CPU core)."""
+def stop_quietly() -> None:
+    """Ctrl-C, ``kill``, ``docker stop`` and systemd (SIGINT or SIGTERM, to the main process or to all of them) stop
+    the server in order, without a traceback from any process.
+
+    The main process turns either signal into KeyboardInterrupt, on which LitServe stops the processes it started
+    (on SIGTERM they would outlive it, one of them polling a CPU core). Those it forks, uvicorn's HTTP process and
+    multiprocessing's manager, inherit this handler and ignore the signal: uvicorn has its own while it serves, and
+    the manager must outlive the inference worker that reads from it, which the main process ends first. The
+    worker is spawned and ignores SIGINT (``AdapterAPI.setup``), since Ctrl-C reaches the whole process group.
+    """
+    main_pid = os.getpid()
 
     def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        if os.getpid() == main_pid:
+            raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, interrupt)
 
 
 def main(
@@ -665,5 +682,5 @@ def main(
         print(f"adapter {a.name!r}: {a.ether_args['ether_method']}, n = {a.ether_args['ether_nb']} ({a.path})",
               file=sys.stderr)  # fmt: skip
     print(f"Serving {checkpoint_dir} and {len(loaded)} adapters at http://{host}:{port}/v1", file=sys.stderr)
-    stop_on_sigterm()
+    stop_quietly()
     server.run(host=host, port=port, num_api_servers=1, generate_client_file=False, log_level="warning")

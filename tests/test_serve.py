@@ -266,45 +266,71 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(base: Path, adapters: dict[str, Path], port: int, log: Path, *options: str) -> subprocess.Popen:
+    """The real server in its own process group (LitServe starts workers), once it answers ``/health``."""
+    cmd = [sys.executable, "-m", "litgpt_ether", "serve", str(base), "--adapters",
+           *(f"{n}={p}" for n, p in adapters.items()), "--port", str(port), "--temperature", "0",
+           "--precision", "32-true", *options]  # fmt: skip
+    with open(log, "w") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    for _ in range(240):
+        if process.poll() is not None:
+            pytest.fail(f"the server exited: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    stop_server(process, signal.SIGKILL, group=True)
+    pytest.fail(f"the server did not start: {log.read_text()[-3000:]}")
+
+
+def stop_server(process: subprocess.Popen, signum: int, group: bool) -> int | None:
+    """Send ``signum`` to the main process (as ``kill PID`` does) or its whole group (as Ctrl-C in a terminal does);
+    return its exit status once every process it started is gone, None if any outlived it (then killed)."""
+    (os.killpg if group else os.kill)(process.pid, signum)
+    try:
+        code = process.wait(timeout=60)
+        for _ in range(60):
+            os.killpg(process.pid, 0)
+            time.sleep(0.5)
+        return None
+    except ProcessLookupError:
+        return code
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def server(two_adapters, tmp_path_factory):
-    """The real server in its own process group (LitServe spawns workers), stopped with everything it started."""
     pytest.importorskip("litserve")
     base, adapters = two_adapters
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "litgpt_ether", "serve", str(base), "--adapters",
-           *(f"{n}={p}" for n, p in adapters.items()), "--port", str(port), "--temperature", "0",
-           "--max_new_tokens", "6", "--precision", "32-true", "--max_batch_size", "8",
-           "--batch_timeout", "0.2"]  # fmt: skip
-    with open(log, "w") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    process = start_server(base, adapters, port, log, "--max_new_tokens", "6", "--max_batch_size", "8",
+                           "--batch_timeout", "0.2")  # fmt: skip
     try:
-        for _ in range(240):
-            if process.poll() is not None:
-                pytest.fail(f"the server exited: {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"the server did not start: {log.read_text()[-3000:]}")
-        yield url, base, adapters
+        yield f"http://127.0.0.1:{port}", base, adapters
     finally:
-        process.send_signal(signal.SIGTERM)  # the main process alone, as `kill PID` does
-        try:
-            process.wait(timeout=60)
-            for _ in range(60):  # every process the server started is gone with it
-                os.killpg(process.pid, 0)
-                time.sleep(0.5)
-            pytest.fail("processes of the server outlived it after SIGTERM")
-        except ProcessLookupError:
-            pass
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+        assert stop_server(process, signal.SIGTERM, group=False) == 0, log.read_text()[-3000:]
+
+
+def test_ctrl_c_or_kill_stops_the_server_quietly_and_it_restarts_on_its_port_at_once(two_adapters, tmp_path):
+    """No traceback from any of its processes, none left behind, and the port free for a restart although the
+    connections it closed linger (TIME_WAIT). systemd sends SIGTERM to every process of the service."""
+    pytest.importorskip("litserve")
+    base, adapters = two_adapters
+    one = {"a": adapters["ether-qv-n2"]}
+    port = free_port()
+    stops = [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGTERM, True)]  # Ctrl-C, kill, systemd
+    for run, (signum, group) in enumerate(stops):
+        log = tmp_path / f"server-{run}.log"
+        process = start_server(base, one, port, log)
+        with httpx.Client(headers={"Connection": "close"}) as client:  # the server closes: TIME_WAIT on its port
+            assert client.get(f"http://127.0.0.1:{port}/v1/models").status_code == 200
+        assert stop_server(process, signum, group) == 0, log.read_text()[-3000:]
+        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
 def expected_text(base: Path, adapter: Path | None, prompt: str, max_new_tokens: int = 6) -> str:
