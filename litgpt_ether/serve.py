@@ -39,7 +39,15 @@ from litgpt_ether.checkpoint import (
     model_from_checkpoint,
     resolve,
 )
-from litgpt_ether.checks import ConfigError, InferenceQuantize, check_number, check_numbers, quantization, require_extra
+from litgpt_ether.checks import (
+    ConfigError,
+    InferenceQuantize,
+    check_devices,
+    check_number,
+    check_numbers,
+    quantization,
+    require_extra,
+)
 from litgpt_ether.ether import (
     GPT,
     Config,
@@ -610,10 +618,11 @@ def stop_quietly() -> None:
     the manager must outlive the inference worker that reads from it, which the main process ends first. The
     worker is spawned and ignores SIGINT (``AdapterAPI.setup``), since Ctrl-C reaches the whole process group.
     """
-    main_pid = os.getpid()
+    main_pid, stopping = os.getpid(), []
 
     def interrupt(signum: int, frame: Any) -> None:
-        if os.getpid() == main_pid:
+        if os.getpid() == main_pid and not stopping:  # once: GNU timeout signals the process, then its group
+            stopping.append(signum)
             raise KeyboardInterrupt
 
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -668,6 +677,7 @@ def main(
     from litserve import LitServer
 
     check_checkpoint_dir(checkpoint_dir)
+    check_devices(accelerator, devices)
     loaded = load_adapters(checkpoint_dir, adapters)
     quantization(quantize, precision, training=False, accelerator=accelerator)  # refuses what cannot run, now
     port_free(host, port)

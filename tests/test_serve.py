@@ -244,7 +244,7 @@ def test_adapters_that_cannot_be_served_are_refused_naming_them(two_adapters, tm
     assert "holds no ETHER adapter" in one_line_error(str(base), "--adapters", f"b={base}")
 
 
-def test_a_port_in_use_and_a_bad_host_are_refused(two_adapters):
+def test_a_port_in_use_a_bad_host_and_missing_devices_are_refused(two_adapters):
     base, adapters = two_adapters
     spec = f"a={adapters['ether-qv-n2']}"
     with socket.socket() as s:
@@ -254,6 +254,9 @@ def test_a_port_in_use_and_a_bad_host_are_refused(two_adapters):
         assert f"127.0.0.1:{port}" in one_line_error(str(base), "--adapters", spec, "--port", str(port))
     assert "--host" in one_line_error(str(base), "--adapters", spec, "--host", "localhost")
     assert "max_batch_size" in one_line_error(str(base), "--adapters", spec, "--max_batch_size", "0")
+    assert "--devices" in one_line_error(str(base), "--adapters", spec, "--devices", "0")
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in one_line_error(str(base), "--adapters", spec, "--accelerator", "cuda")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,14 +284,17 @@ def start_server(base: Path, adapters: dict[str, Path], port: int, log: Path, *o
                 return process
         except httpx.HTTPError:
             time.sleep(0.5)
-    stop_server(process, signal.SIGKILL, group=True)
+    stop_server(process, signal.SIGKILL, ("group",))
     pytest.fail(f"the server did not start: {log.read_text()[-3000:]}")
 
 
-def stop_server(process: subprocess.Popen, signum: int, group: bool) -> int | None:
-    """Send ``signum`` to the main process (as ``kill PID`` does) or its whole group (as Ctrl-C in a terminal does);
-    return its exit status once every process it started is gone, None if any outlived it (then killed)."""
-    (os.killpg if group else os.kill)(process.pid, signum)
+def stop_server(process: subprocess.Popen, signum: int, to: tuple[str, ...] = ("main",)) -> int | None:
+    """Send ``signum`` to the main process (as ``kill PID`` does) and/or its whole group (as Ctrl-C in a terminal
+    does), half a second apart, the second during the shutdown; return its exit status once every process it
+    started is gone, None if any outlived it (then killed)."""
+    for i, target in enumerate(to):
+        time.sleep(0.5 * (i > 0))
+        (os.killpg if target == "group" else os.kill)(process.pid, signum)
     try:
         code = process.wait(timeout=60)
         for _ in range(60):
@@ -313,23 +319,24 @@ def server(two_adapters, tmp_path_factory):
     try:
         yield f"http://127.0.0.1:{port}", base, adapters
     finally:
-        assert stop_server(process, signal.SIGTERM, group=False) == 0, log.read_text()[-3000:]
+        assert stop_server(process, signal.SIGTERM) == 0, log.read_text()[-3000:]
 
 
 def test_ctrl_c_or_kill_stops_the_server_quietly_and_it_restarts_on_its_port_at_once(two_adapters, tmp_path):
     """No traceback from any of its processes, none left behind, and the port free for a restart although the
-    connections it closed linger (TIME_WAIT). systemd sends SIGTERM to every process of the service."""
+    connections it closed linger (TIME_WAIT). systemd sends SIGTERM to every process of the service; GNU timeout
+    to the process, then its group, so the main process gets it twice."""
     pytest.importorskip("litserve")
     base, adapters = two_adapters
     one = {"a": adapters["ether-qv-n2"]}
     port = free_port()
-    stops = [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGTERM, True)]  # Ctrl-C, kill, systemd
-    for run, (signum, group) in enumerate(stops):
+    stops = [(signal.SIGINT, ("group",)), (signal.SIGTERM, ("main",)), (signal.SIGTERM, ("main", "group"))]
+    for run, (signum, to) in enumerate(stops):
         log = tmp_path / f"server-{run}.log"
         process = start_server(base, one, port, log)
         with httpx.Client(headers={"Connection": "close"}) as client:  # the server closes: TIME_WAIT on its port
             assert client.get(f"http://127.0.0.1:{port}/v1/models").status_code == 200
-        assert stop_server(process, signum, group) == 0, log.read_text()[-3000:]
+        assert stop_server(process, signum, to) == 0, log.read_text()[-3000:]
         assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
