@@ -480,8 +480,9 @@ class Options:
                 400, "stop sequences are not supported: the prompt style's own stop tokens apply", "stop"
             )
         given = chat.model_fields_set
+        asked = [f for f in ("max_completion_tokens", "max_tokens") if getattr(chat, f) is not None]  # 0 included
         values = {
-            "max_new_tokens": chat.max_completion_tokens or chat.max_tokens or self.max_new_tokens,
+            "max_new_tokens": getattr(chat, asked[0]) if asked else self.max_new_tokens,
             "temperature": chat.temperature if "temperature" in given else self.temperature,
             "top_p": chat.top_p if "top_p" in given else self.top_p,
         }
@@ -489,7 +490,8 @@ class Options:
             try:
                 check_number(name, value)
             except ConfigError as err:
-                raise RequestError(400, str(err), name) from None
+                field = asked[0] if name == "max_new_tokens" and asked else name  # the request's own name for it
+                raise RequestError(400, str(err).replace(name, field, 1), field) from None
         system = "\n".join(_text(m.content) for m in chat.messages if m.role == "system") or None
         style = self.prompt_styles[chat.model]
         prompt = self.tokenizer.encode(style.apply(_text(chat.messages[-1].content), sys_prompt=system))

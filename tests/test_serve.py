@@ -387,6 +387,9 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server):
     assert all(name in unknown.json()["error"]["message"] for name in ["base", *adapters])
     assert post({"model": "base"}).status_code == 422  # no messages
     assert post({"model": "base", "messages": user, "temperature": -1}).status_code == 400
+    for field in ("max_tokens", "max_completion_tokens"):
+        zero = post({"model": "base", "messages": user, field: 0})
+        assert zero.status_code == 400 and zero.json()["error"]["message"].startswith(f"{field} must be"), zero.text
     assert post({"model": "base", "messages": [{"role": "assistant", "content": "hi"}]}).status_code == 400
     too_long = post({"model": "base", "messages": [{"role": "user", "content": "red " * 200}]})
     assert too_long.status_code == 400 and "context" in too_long.json()["error"]["message"]
