@@ -73,9 +73,19 @@ def test_resume_from_a_named_step_checkpoint(checkpoint_dir, dataset_path, tmp_p
     assert not (out_dir / "step-000007").exists() and (out_dir / "step-000008").is_dir()
 
 
-@pytest.mark.parametrize("method", ["oft", "naive"])
-def test_oft_and_naive_resume_to_the_adapter_of_an_uninterrupted_run(checkpoint_dir, dataset_path, tmp_path, method):
-    short = (*RUN[:1], "6", *RUN[2:], "--ether_method", method, "--optimizer.lr", "0.01")
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("--ether_method", "oft", "--optimizer.lr", "0.01"),
+        ("--ether_method", "naive", "--optimizer.lr", "0.01"),
+        ("--ether_method", "etherplus", "--precision", "16-true"),  # float16 weights, fp32 vectors and AdamW state
+    ],
+    ids=["oft", "naive", "etherplus-16-true"],
+)
+def test_other_methods_and_16_true_resume_to_the_adapter_of_an_uninterrupted_run(
+    checkpoint_dir, dataset_path, tmp_path, options
+):
+    short = (*RUN[:1], "6", *RUN[2:], *options)
     whole = run_main(*finetune_args(checkpoint_dir, dataset_path, tmp_path / "whole", *short))
     assert whole.returncode == 0, whole.stderr[-3000:]
     step = tmp_path / "whole" / "step-000003"
