@@ -294,7 +294,8 @@ def stop_server(process: subprocess.Popen, signum: int, to: tuple[str, ...] = ("
     started is gone, None if any outlived it (then killed)."""
     for i, target in enumerate(to):
         time.sleep(0.5 * (i > 0))
-        (os.killpg if target == "group" else os.kill)(process.pid, signum)
+        with contextlib.suppress(ProcessLookupError):  # a shutdown quicker than that
+            (os.killpg if target == "group" else os.kill)(process.pid, signum)
     try:
         code = process.wait(timeout=60)
         for _ in range(60):
