@@ -18,6 +18,7 @@ separate reflection per side (and per q/k/v segment on both sides of the QKV).
 """
 
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -291,15 +292,44 @@ def reflect_outputs(
     extras: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """``z[..., a:b] <- (z[..., a:b] + extra) @ H`` for each slice, then ``+ bias``; ``z`` is overwritten."""
+    if (kernels := fused_kernels(z)) is not None and all(type(r) is Reflection for r in reflections):
+        return kernels.reflect_outputs_(z, bias, slices, [(r.u, r.v) for r in reflections], extras)
     coefs = reflections[0].coefs
     units = [r.units(z.dtype) for r in reflections]
     extras = list(extras) if extras is not None else [None] * len(slices)
     if not torch.is_grad_enabled():  # inference (generate, chat, serve): nothing to save for a backward
         _reflect_slices_(z, bias, slices, coefs, units, extras, keep_inputs=False)
         return z
-    if z._is_view():  # e.g. out of bitsandbytes' int8 matmul on CUDA, a Function: autograd forbids writing into it
+    # e.g. out of bitsandbytes' int8 matmul on CUDA, a Function: autograd forbids writing into it
+    if not torch.compiler.is_compiling() and z._is_view():
         z = z.clone()
     return _ReflectOutputs.apply(z, bias, tuple(slices), coefs, *units, *extras)
+
+
+KERNEL_MODES = ("auto", "torch", "triton")
+
+
+def kernel_mode() -> str:
+    """``LITGPT_ETHER_KERNELS``: ``torch`` (never the fused kernels), ``triton`` (the kernels of ``kernels`` on CUDA
+    tensors, and on CPU ones under Triton's interpreter, ``TRITON_INTERPRET=1``), or ``auto``, the default: for now
+    the torch path everywhere, since the kernels have not yet passed the CUDA suite on a real GPU."""
+    value = os.environ.get("LITGPT_ETHER_KERNELS", "auto").strip().lower() or "auto"
+    if value not in KERNEL_MODES:
+        raise ConfigError(f"LITGPT_ETHER_KERNELS must be one of {', '.join(KERNEL_MODES)}, got {value!r}")
+    return value
+
+
+def fused_kernels(t: torch.Tensor) -> Any:
+    """The ``kernels`` module if the fused kernels are to reflect ``t``, else None (the torch path)."""
+    if kernel_mode() != "triton":
+        return None
+    if t.device.type != "cuda" and not (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        return None
+    try:
+        from litgpt_ether import kernels
+    except ImportError as err:
+        raise ConfigError(f"LITGPT_ETHER_KERNELS=triton needs Triton ({err}): pip install triton") from None
+    return kernels
 
 
 def unit_vectors(u: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
@@ -350,6 +380,8 @@ class Reflection(nn.Module):
 
     def forward(self, z: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """``z @ H`` (``H`` is symmetric: ``transpose`` changes nothing)."""
+        if (kernels := fused_kernels(z)) is not None:
+            return kernels.reflect_input(z, self.u, self.v)
         return reflect(z, self.units(z.dtype), self.coefs)
 
 
@@ -542,6 +574,14 @@ class ETHERQKVLinear(ETHERLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ether_dropout(x)
         slices = [self.bounds[i] for i, _ in self.segments]
+        kernels = fused_kernels(x) if self.ether_in is not None and type(self.linear) is nn.Linear else None
+        if kernels is not None and all(
+            type(r) is Reflection for r in [*self.ether_in.values(), *self.ether_out.values()]
+        ):
+            sides = [
+                [(r.u, r.v) for r in (side[s] for _, s in self.segments)] for side in (self.ether_out, self.ether_in)
+            ]
+            return kernels.qkv_two_sided(x, self.linear.weight, self.bias, slices, *sides)
         extras = None
         if self.ether_in is not None:  # each segment's input reflection as a low-rank correction to its slice
             reflections = [self.ether_in[s] for _, s in self.segments]
