@@ -1,6 +1,7 @@
 """Tiny litgpt models, a tokenizer and a dataset built on the spot: the suite never downloads."""
 
 import io
+import os
 import subprocess
 import sys
 import traceback
@@ -8,10 +9,17 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from unittest import mock
 
-import litgpt.config
-import pytest
 import torch
-import yaml
+
+# Without CUDA, the fused kernels (litgpt_ether.kernels, opt-in with LITGPT_ETHER_KERNELS=triton) run on CPU tensors
+# through Triton's interpreter. Triton reads the switch when it defines a kernel, its own helpers included, so it is set
+# before anything imports Triton (litgpt does)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import litgpt.config  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 from make_tiny import make_checkpoint, make_dataset  # noqa: E402

@@ -24,10 +24,20 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+@pytest.fixture(params=["torch", "triton"])
+def kernels(request, monkeypatch) -> str:
+    """Both paths: the torch code, and the fused Triton kernels (``LITGPT_ETHER_KERNELS=triton``, compiled for this
+    GPU; OFT and Naive have none and stay on the torch path)."""
+    if request.param == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("LITGPT_ETHER_KERNELS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("n", [1, 4])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_cuda_matches_the_cpu_dense_reference(family, method, n):
+def test_cuda_matches_the_cpu_dense_reference(family, method, n, kernels):
     model = ether_model(family, method, "qkv", n, **ALL_TARGETS)
     mark_only_ether_as_trainable(model)
     idx = torch.randint(0, 48, (2, 8), generator=torch.Generator().manual_seed(1))
@@ -87,7 +97,7 @@ def synchronizations(step) -> int:
 
 
 @pytest.mark.parametrize("method", ["ether", "etherplus", "etherplus-one-sided", "oft", "naive"])
-def test_a_training_step_synchronizes_no_more_than_the_base_model(method):
+def test_a_training_step_synchronizes_no_more_than_the_base_model(method, kernels):
     """A synchronization drains the GPU's queue: the CPU then issues the next kernels while the GPU waits. ETHER+
     once made one at every reflection (a tensor of its coefficients built from Python numbers)."""
     model = ether_model("llama-gqa", method, "qkv", 2, **ALL_TARGETS)
