@@ -21,6 +21,7 @@ imported), which needs fixed launch configurations: there is no autotuning here,
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import triton
@@ -383,6 +384,16 @@ def _tiles(t: int, block_k: int) -> tuple[int, int]:
     return block_t, triton.cdiv(t, block_t)
 
 
+# Kernel launches since import, memsets included: ``scripts/benchmark.py ops`` counts a step's launches with it
+launches = 0
+
+
+def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+    global launches
+    launches += 1
+    kernel[grid](*args, **kwargs)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as ``(rows, columns)`` without copying if its leading dims can merge (a copy otherwise)."""
     return x.reshape(-1, x.shape[-1])
@@ -401,7 +412,8 @@ def _forward(
     if tiles == 0 or programs_c == 0:
         return
     u_fill = us[0]
-    _reflect_fwd[(tiles, programs_c)](
+    _launch(
+        _reflect_fwd, (tiles, programs_c),
         x2, y2, keep if keep is not None else y2, bias if bias is not None else y2, x2.shape[0],
         x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1), keep.stride(0) if keep is not None else 0,
         *seg_args, *_pad(us, u_fill), *_pad(vs or us, u_fill),
@@ -473,14 +485,16 @@ def reflect_backward(
     partials = torch.empty(programs_t, programs_c, 2, block_k, dtype=_torch_acc(g.dtype), device=g.device)
     fill = us[0]
     if tiles > 0:
-        _reflect_bwd[(programs_t, programs_c)](
+        _launch(
+            _reflect_bwd, (programs_t, programs_c),
             g2, z2, bias if bias is not None else g2, dz2, partials, g2.shape[0], tiles, programs_t,
             g2.stride(0), g2.stride(1), z2.stride(0), z2.stride(1), dz2.stride(0), dz2.stride(1),
             *seg_args, *_pad(us, fill), *_pad(vs or us, fill),
             PLUS=bool(vs), RECOMPUTE=recompute, HAS_BIAS=recompute and bias is not None, ACC=acc,
             BLOCK_T=block_t, BLOCK_K=block_k, num_warps=_warps(block_t, block_k),
         )  # fmt: skip
-    _reflect_finish[(programs_c, 2 if vs else 1)](
+    _launch(
+        _reflect_finish, (programs_c, 2 if vs else 1),
         partials, programs_t if tiles > 0 else 0, *seg_args, *_pad(us, fill), *_pad(vs or us, fill),
         *_pad(grads_u, fill), *_pad(grads_v or grads_u, fill),
         PLUS=bool(vs), ACC=acc, BLOCK_K=block_k, num_warps=4,
@@ -516,6 +530,8 @@ def input_dots(
     width = segs * n * j
     dots = torch.empty(x2.shape[0], width, dtype=x.dtype, device=x.device)
     proj = torch.zeros(weight.shape[0], width, dtype=x.dtype, device=x.device)
+    global launches
+    launches += 1  # the memset
     block_k = triton.next_power_of_2(k)
     fill = us[0]
     for out, rows, starts_, ends_, scale in ((dots, x2, [0] * segs, [x2.shape[0]] * segs, True),
@@ -523,7 +539,8 @@ def input_dots(
         block_t, tiles = _tiles(max(e - s for s, e in zip(starts_, ends_)), block_k)
         if tiles == 0:
             continue
-        _dots_fwd[(tiles, segs * n)](
+        _launch(
+            _dots_fwd, (tiles, segs * n),
             rows, out, rows.stride(0), rows.stride(1), out.stride(0), n, k, *_row_args(starts_, ends_),
             *_pad(us, fill), *_pad(vs or us, fill),
             PLUS=bool(vs), SCALE=scale, ACC=_acc(x.dtype), BLOCK_T=block_t, BLOCK_K=block_k,
@@ -560,18 +577,21 @@ def input_dots_backward(
     fill, acc = us[0], _acc(x.dtype)
     common = dict(PLUS=bool(vs), ACC=acc, BLOCK_T=block_t, BLOCK_K=block_k, num_warps=_warps(block_t, block_k))
     vectors = [*_pad(us, fill), *_pad(vs or us, fill)]
-    _dots_bwd[(programs_x, n)](
+    _launch(
+        _dots_bwd, (programs_x, n),
         x2, gd, dx2, partials, tiles_x, programs_x, 0, x2.stride(0), x2.stride(1), gd.stride(0), dx2.stride(0),
         dx2.stride(1), n, k, *_row_args([0] * segs, [x2.shape[0]] * segs), *vectors,
         NSEG=segs, SCALE=True, ALL_ROWS=True, **common,
     )  # fmt: skip
-    _dots_bwd[(programs_w, segs * n)](
+    _launch(
+        _dots_bwd, (programs_w, segs * n),
         weight, gp, dx2, partials, tiles_w, programs_w, programs_x, weight.stride(0), weight.stride(1),
         gp.stride(0), 0, 0, n, k, *_row_args(starts, ends), *vectors,
         NSEG=segs, SCALE=False, ALL_ROWS=False, **common,
     )  # fmt: skip
     seg_args, programs_c, _ = _layout([0] * segs, [n * k] * segs, [0] * segs, segs, n)
-    _reflect_finish[(programs_c, 2 if vs else 1)](
+    _launch(
+        _reflect_finish, (programs_c, 2 if vs else 1),
         partials, programs_x + programs_w, *seg_args, *vectors, *_pad(grads_u, fill), *_pad(grads_v or grads_u, fill),
         PLUS=bool(vs), ACC=acc, BLOCK_K=block_k, num_warps=4,
     )  # fmt: skip

@@ -48,6 +48,7 @@ import gc
 import inspect
 import json as jsonlib
 import math
+import os
 import re
 import statistics
 import sys
@@ -57,18 +58,24 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import litgpt.lora
-import litgpt.model
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from lightning.fabric.utilities.throughput import measure_flops
-from litgpt.config import Config as BaseConfig
-from litgpt.utils import chunked_cross_entropy
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import register_flop_formula
 
-from litgpt_ether import ether
+# Without CUDA the fused kernels (LITGPT_ETHER_KERNELS=triton; ``ops`` counts them) run through Triton's interpreter,
+# which Triton reads when it defines a kernel: before litgpt imports it
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import litgpt.lora  # noqa: E402
+import litgpt.model  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from lightning.fabric.utilities.throughput import measure_flops  # noqa: E402
+from litgpt.config import Config as BaseConfig  # noqa: E402
+from litgpt.utils import chunked_cross_entropy  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import register_flop_formula  # noqa: E402
+
+from litgpt_ether import ether  # noqa: E402
 
 VARIANTS = [
     "frozen",
@@ -665,15 +672,166 @@ class OperatorCount(TorchDispatchMode):
     """
 
     FREE = frozenset({"detach", "detach_", "lift_fresh"})
+    # operators that only allocate: no kernel
+    ALLOCATING = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.launches = 0  # kernels launched: one per operator, none for allocations, the fused ones' own count
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if not func.is_view and func.overloadpacket.__name__ not in self.FREE:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if func.is_view or name in self.FREE:
+            return func(*args, **(kwargs or {}))
+        self.count += 1
+        if func.namespace != "litgpt_ether":
+            self.launches += name not in self.ALLOCATING
+            return func(*args, **(kwargs or {}))
+        from litgpt_ether import kernels  # this package's fused ops: as many launches as they make
+
+        before = kernels.launches
+        out = func(*args, **(kwargs or {}))
+        self.launches += kernels.launches - before
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# ops
+
+OPS_VARIANTS = ["frozen", "lora-r8", *(f"{m}-n{n}" for m in ("ether", "etherplus") for n in (1, 4, 32))]
+# Targets of the fused kernels, in operators per training step against LoRA's
+OPS_TARGETS = {"ether": 1.0, "etherplus": 1.07}
+
+
+def count_step(variant: str, model: dict[str, Any], micro_batch_size: int, seq_len: int) -> dict[str, Any] | None:
+    """Operators and kernel launches of one forward + backward (fp32, CPU), after a warm-up step; None if skipped.
+
+    The gradients are set to None before the step, as ``optimizer.zero_grad(set_to_none=True)`` leaves them, so no
+    gradient is accumulated into.
+    """
+    torch.manual_seed(0)
+    with materialize_on(torch.device("cpu"), torch.float32):
+        gpt = build(variant, model)
+    if gpt is None:
+        return None
+    x = torch.randint(0, gpt.config.padded_vocab_size, (micro_batch_size, seq_len + 1))
+
+    def step() -> None:
+        for p in gpt.parameters():
+            p.grad = None
+        chunked_cross_entropy(gpt(x[:, :-1], lm_head_chunk_size=128), x[:, 1:]).backward()
+
+    step()
+    with OperatorCount() as counter:
+        step()
+    return {"variant": variant, "operators": counter.count, "launches": counter.launches}
+
+
+def ops(
+    model: str = "Llama-2-7b-hf",
+    n_layer: int = 2,
+    n_embd: int = 256,
+    n_query_groups: int | None = None,
+    micro_batch_size: int = 2,
+    seq_len: int = 32,
+    variants: list[str] | None = None,
+    kernels: tuple[str, ...] = ("torch", "triton"),
+    json: bool = False,
+) -> list[dict[str, Any]]:
+    """Count the operators (and kernel launches) of one training step of each variant on a narrow model (any machine).
+
+    On a GPU this project's steps are bound by the CPU issuing operators: the count stands in for the cost there. The
+    model is ``model``'s architecture at width ``n_embd`` (4 heads, MLP twice as wide, vocabulary 512) with
+    ``n_layer`` layers; a view launches nothing and is not counted, one of this package's fused ops counts once as an
+    operator and as many launches as it makes. ETHER and ETHER+ run once per path in ``kernels`` (``torch``,
+    ``triton``: ``LITGPT_ETHER_KERNELS``; without CUDA Triton's interpreter runs the kernels).
+
+    Arguments:
+        model: A litgpt config name: its architecture (norms, MLP, attention) at a narrow width.
+        n_layer: Layers.
+        n_embd: Width.
+        n_query_groups: Key/value heads (default: as many as heads, or the model's if it groups them).
+        micro_batch_size: Sequences per step.
+        seq_len: Tokens per sequence.
+        variants: A subset of the variants (default: frozen, lora-r8, ETHER and ETHER+ at n = 1, 4, 32).
+        kernels: The paths of ETHER and ETHER+ to count.
+        json: Print one JSON object per line instead of a table.
+    """
+    base = BaseConfig.from_name(model)
+    groups = n_query_groups or (4 if base.n_query_groups == base.n_head else 2)
+    arch = ("mlp_class_name", "norm_class_name", "bias", "parallel_residual", "rotary_percentage",
+            "shared_attention_norm", "lm_head_bias")  # fmt: skip
+    config = {k: getattr(base, k) for k in arch}
+    config |= dict(
+        name=model,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=4,
+        n_query_groups=groups,
+        head_size=n_embd // 4,
+        intermediate_size=2 * n_embd,
+        padded_vocab_size=512,
+        vocab_size=512,
+        block_size=max(64, seq_len),
+    )
+    results = []
+    previous = os.environ.get("LITGPT_ETHER_KERNELS")
+    try:
+        for variant in select(variants or OPS_VARIANTS):
+            ether_variant = _ETHER_VARIANT.fullmatch(variant) is not None and not variant.startswith("reference-")
+            for path in kernels if ether_variant else ["-"]:
+                if path == "triton" and not _has_triton():
+                    note(f"skipping {variant} (triton): Triton is not installed")
+                    continue
+                os.environ["LITGPT_ETHER_KERNELS"] = path if path != "-" else "torch"
+                counted = count_step(variant, config, micro_batch_size, seq_len)
+                if counted is not None:
+                    results.append({**counted, "kernels": path})
+    finally:
+        if previous is None:
+            os.environ.pop("LITGPT_ETHER_KERNELS", None)
+        else:
+            os.environ["LITGPT_ETHER_KERNELS"] = previous
+    by_name = {r["variant"]: r for r in results if r["kernels"] == "-"}
+    for r in results:
+        for key in ("operators", "launches"):
+            for ref in ("frozen", "lora-r8"):
+                r[f"{key}_{ref}"] = r[key] / by_name[ref][key] if ref in by_name else None
+        r["extra_per_layer"] = (
+            (r["operators"] - by_name["frozen"]["operators"]) / n_layer if "frozen" in by_name else None
+        )
+    if json:
+        for r in results:
+            print(jsonlib.dumps(r), flush=True)
+        return results
+    print(
+        f"{model} architecture, {n_layer} layers of width {n_embd} ({groups} key/value heads), micro-batch"
+        f" {micro_batch_size} x {seq_len}: operators and kernel launches of one training step (fwd + bwd)"
+    )
+    print(
+        f"{'variant':16s} {'path':7s} {'operators':>9s} {'/ lora-r8':>10s} {'extra/layer':>11s} {'launches':>9s}"
+        f" {'/ lora-r8':>10s}"
+    )
+    for r in results:
+        print(
+            f"{r['variant']:16s} {r['kernels']:7s} {r['operators']:9d} {fmt(r['operators_lora-r8'], '10.3f')}"
+            f" {fmt(r['extra_per_layer'], '11.1f')} {r['launches']:9d} {fmt(r['launches_lora-r8'], '10.3f')}"
+        )
+    for r in results:
+        method = r["variant"].split("-n")[0]
+        if method in OPS_TARGETS and r["operators_lora-r8"] is not None:
+            target = OPS_TARGETS[method]
+            verdict = "PASS" if r["operators_lora-r8"] <= target else "MISS"
+            print(f"{verdict} {r['variant']} ({r['kernels']}): {r['operators_lora-r8']:.3f} x lora-r8's operators"
+                  f" (target <= {target:.2f})")  # fmt: skip
+    return results
+
+
+def _has_triton() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("triton") is not None
 
 
 def random_checkpoint(name: str, directory: Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> Path:
@@ -834,6 +992,7 @@ def serve_cmd(
 
 COMMANDS: dict[str, Callable[..., Any]] = {
     "flops": flops,
+    "ops": ops,
     "time": time_cmd,
     "generate": generate_cmd,
     "serve": serve_cmd,
@@ -860,6 +1019,12 @@ def parser() -> argparse.ArgumentParser:
                 sp.add_argument(f"--{arg}", type=int, default=default(arg))
             continue
         sp.add_argument("--model", default=default("model"), help="a litgpt config name")
+        if name == "ops":
+            for arg in ("n_layer", "n_embd", "n_query_groups", "micro_batch_size", "seq_len"):
+                sp.add_argument(f"--{arg}", type=int, default=default(arg))
+            sp.add_argument("--variants", nargs="+", choices=VARIANTS, metavar="VARIANT", help="default: the ops set")
+            sp.add_argument("--kernels", nargs="+", choices=["torch", "triton"], default=default("kernels"))
+            continue
         if name in ("flops", "time"):
             sp.add_argument("--micro_batch_size", type=int, default=default("micro_batch_size"))
             sp.add_argument("--seq_len", type=int, default=default("seq_len"))
