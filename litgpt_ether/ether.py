@@ -294,6 +294,12 @@ def reflect_outputs(
     """``z[..., a:b] <- (z[..., a:b] + extra) @ H`` for each slice, then ``+ bias``; ``z`` is overwritten."""
     if (kernels := fused_kernels(z)) is not None and all(type(r) is Reflection for r in reflections):
         return kernels.reflect_outputs_(z, bias, slices, [(r.u, r.v) for r in reflections], extras)
+    if not torch.is_grad_enabled() and all(hasattr(r, "reflect_") for r in reflections):  # serve's adapter tables
+        for (a, b), table, extra in zip(slices, reflections, extras or [None] * len(slices)):
+            if extra is not None:
+                z[..., a:b] += extra
+            table.reflect_(z[..., a:b])
+        return z if bias is None else z.add_(bias)
     coefs = reflections[0].coefs
     units = [r.units(z.dtype) for r in reflections]
     extras = list(extras) if extras is not None else [None] * len(slices)

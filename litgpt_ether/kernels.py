@@ -343,6 +343,35 @@ def _dots_bwd(
             tl.store(base + 2 * n * 2 * BLOCK_K + BLOCK_K + offs_k, a2v)
 
 
+@triton.jit
+def _reflect_rows_fwd(
+    X, Y, TABLE, INDEX, BIAS, R, tokens, sxt, sxc, syt, syc,
+    n, k, j, c_even, c_odd,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Serving: ``Y = X @ H_a (+ bias)`` where each batch row ``b`` (``tokens`` rows of ``X`` each) has its own
+    adapter ``a = INDEX[b]``, whose block's ``j`` unit vectors sit in ``TABLE[a, blk]`` (``(adapters, n, j, k)``,
+    normalised when the table was built); vector ``i`` has the coefficient ``c_even`` or ``c_odd`` by its parity."""
+    pid_t, blk = tl.program_id(0), tl.program_id(1)
+    offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < k
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < R
+    mask = rmask[:, None] & kmask[None, :]
+    cols = blk * k + offs_k
+    z = tl.load(X + rows[:, None] * sxt + cols[None, :] * sxc, mask=mask, other=0.0).to(ACC)
+    adapter = tl.load(INDEX + rows // tokens, mask=rmask, other=0)
+    out = z
+    for i in range(j):
+        w = tl.load(TABLE + ((adapter[:, None] * n + blk) * j + i) * k + offs_k[None, :], mask=mask, other=0.0)
+        w = w.to(ACC)
+        c = c_even + (c_odd - c_even) * (i % 2)
+        out += c * tl.sum(z * w, axis=1)[:, None] * w
+    if HAS_BIAS:
+        out += tl.load(BIAS + cols, mask=kmask, other=0.0).to(ACC)[None, :]
+    tl.store(Y + rows[:, None] * syt + cols[None, :] * syc, out.to(Y.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------------
 # Launching
 
@@ -602,6 +631,52 @@ def input_dots_backward(
 def _(x, weight, grad_dots, grad_proj, us, vs, starts, ends, n) -> list[torch.Tensor]:
     return [torch.empty(x.shape, dtype=x.dtype, device=x.device), *map(torch.empty_like, us),
             *map(torch.empty_like, vs)]  # fmt: skip
+
+
+def _rows_forward(
+    x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None,
+    coefs: Sequence[float],
+) -> None:  # fmt: skip
+    x2, y2 = _rows(x), _rows(y)
+    _, n, j, k = table.shape
+    block_k = triton.next_power_of_2(k)
+    block_t, tiles = _tiles(x2.shape[0], block_k)
+    if tiles > 0:
+        _launch(
+            _reflect_rows_fwd, (tiles, n),
+            x2, y2, table, index, bias if bias is not None else x2, x2.shape[0], x2.shape[0] // index.shape[0],
+            x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1), n, k, j, coefs[0], coefs[1 % len(coefs)],
+            HAS_BIAS=bias is not None, ACC=_acc(x.dtype), BLOCK_T=block_t, BLOCK_K=block_k,
+            num_warps=_warps(block_t, block_k),
+        )  # fmt: skip
+
+
+@torch.library.custom_op("litgpt_ether::reflect_rows", mutates_args=())
+def reflect_rows(
+    x: torch.Tensor, table: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None, coefs: list[float]
+) -> torch.Tensor:
+    """Serving (inference only): ``x[b] @ H_{index[b]} (+ bias)`` for ``x`` of shape ``(B, T, n·k)``, every batch row
+    with its own adapter's unit vectors from ``table`` (``(adapters, n, j, k)``, coefficients ``coefs`` per block:
+    ``(-2,)`` or ``(-1, 1)`` repeated)."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _rows_forward(x, y, table, index, bias, coefs)
+    return y
+
+
+@reflect_rows.register_fake
+def _(x, table, index, bias, coefs) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("litgpt_ether::reflect_rows_", mutates_args=("x",))
+def reflect_rows_(x: torch.Tensor, table: torch.Tensor, index: torch.Tensor, coefs: list[float]) -> None:
+    """``reflect_rows`` in place (a fused QKV's output segment)."""
+    _rows_forward(x, x, table, index, None, coefs)
+
+
+@reflect_rows_.register_fake
+def _(x, table, index, coefs) -> None:
+    return None
 
 
 # --------------------------------------------------------------------------------------------------

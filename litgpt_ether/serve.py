@@ -53,8 +53,8 @@ from litgpt_ether.ether import (
     Config,
     ETHERLayer,
     ETHERQKVLinear,
+    fused_kernels,
     reflect,
-    transform_outputs,
     unit_vectors,
 )
 from litgpt_ether.generate import check_fits, prompt_style_of
@@ -109,8 +109,20 @@ class AdapterTable(nn.Module):
             self._gathered = (key, self.table[self.rows.index].to(dtype)[:, None])
         return self._gathered[1]
 
-    def forward(self, z: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        return reflect(z, self.units(z.dtype), self.coefs)
+    def forward(self, z: torch.Tensor, transpose: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Each batch row's ``z @ H`` (then ``+ bias``): one fused kernel (``LITGPT_ETHER_KERNELS=triton``) driven by
+        the rows' adapter index, or the torch path."""
+        if (kernels := fused_kernels(z)) is not None:
+            return kernels.reflect_rows(z, self.table, self.rows.index, bias, list(self.coefs))
+        z = reflect(z, self.units(z.dtype), self.coefs)
+        return z if bias is None else z + bias
+
+    def reflect_(self, z: torch.Tensor) -> None:
+        """In place (a slice of a fused output); the torch path writes the reflected copy back."""
+        if (kernels := fused_kernels(z)) is not None:
+            kernels.reflect_rows_(z, self.table, self.rows.index, list(self.coefs))
+        else:
+            z.copy_(reflect(z, self.units(z.dtype), self.coefs))
 
 
 class ServedQKV(ETHERQKVLinear):
@@ -142,18 +154,19 @@ class ServedQKV(ETHERQKVLinear):
         self.ether_out = None  # its tables live on in ``out_rows``: not twice in memory
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.out_rows is None and (self.ether_in is None or not self.weight.dtype.is_floating_point):
-            return super().forward(x)
+        if self.ether_in is not None and not self.weight.dtype.is_floating_point:
+            return super().forward(x)  # the low-rank path
         if self.ether_in is None:
             z = self.project(x, bias=False)
         else:
             targeted = dict(self.segments)
             z = torch.cat([F.linear(self.ether_in[targeted[i]](x) if i in targeted else x, self.weight[a:b])
                            for i, (a, b) in enumerate(self.bounds)], dim=-1)  # fmt: skip
-        if self.out_rows is None:
-            slices = [self.bounds[i] for i, _ in self.segments]
-            return transform_outputs(z, self.bias, slices, [self.ether_out[s] for _, s in self.segments])
-        z = self.out_rows(z)
+        if self.out_rows is not None:
+            return self.out_rows(z, bias=self.bias)
+        for i, segment in self.segments:  # unequal segments (GQA): one table each, in place
+            a, b = self.bounds[i]
+            self.ether_out[segment].reflect_(z[..., a:b])
         return z if self.bias is None else z + self.bias
 
 

@@ -233,6 +233,40 @@ def test_two_sided_qkv_matches_the_dense_reference(layout, targets, n, dtype):
     check_grads(out, ref, inputs, ref_inputs, target, 2 * TOLERANCE[dtype])
 
 
+# ---------------------------------------------------------------------- serving: a reflection per batch row
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("coefs", [(-2.0,), (-1.0, 1.0), (-1.0, 1.0, -1.0, 1.0)])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_per_row_reflections_match_each_rows_dense_h(tokens, coefs, bias):
+    """``serve``'s table of every adapter's unit vectors, a row -> adapter index, one launch for the whole batch."""
+    batch, adapters, n, k = 4, 3, 2, 24
+    gen = torch.Generator().manual_seed(9)
+    table = torch.nn.functional.normalize(torch.randn(adapters, n, len(coefs), k, generator=gen), dim=-1)
+    index = torch.tensor([2, 0, 1, 2])
+    x = torch.randn(batch, tokens, n * k, generator=gen)
+    b = torch.randn(n * k, generator=gen) if bias else None
+    dense = []
+    for row in range(batch):
+        blocks = [sum(c * torch.outer(w[i], w[i]) for i, c in enumerate(coefs)) for w in table[index[row]].double()]
+        h = torch.eye(n * k, dtype=torch.float64) + torch.block_diag(*blocks)
+        dense.append(x[row].double() @ h + (0 if b is None else b.double()))
+    dense = torch.stack(dense)
+    args = (table.to(DEVICE), index.to(DEVICE))
+    out = kernels.reflect_rows(x.to(DEVICE), *args, None if b is None else b.to(DEVICE), list(coefs))
+    assert relative_error(out, dense) < TOLERANCE[torch.float32]
+    if bias:
+        return
+    wide = torch.randn(batch, tokens, 3 * n * k, generator=gen).to(DEVICE)  # in place, on a slice of a wider output
+    before = wide.clone()
+    wide[..., n * k : 2 * n * k] = x.to(DEVICE)
+    kernels.reflect_rows_(wide[..., n * k : 2 * n * k], *args, list(coefs))
+    assert relative_error(wide[..., n * k : 2 * n * k], dense) < TOLERANCE[torch.float32]
+    torch.testing.assert_close(wide[..., : n * k], before[..., : n * k], rtol=0, atol=0)
+    torch.testing.assert_close(wide[..., 2 * n * k :], before[..., 2 * n * k :], rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------- whole models
 
 

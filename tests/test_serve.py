@@ -192,6 +192,24 @@ def test_a_mixed_batch_gives_each_request_what_its_merged_model_gives_alone(serv
     assert mixed == [served(model, rows, [r])[0] for r in requests]  # one by one, through the server's engine
 
 
+def test_a_mixed_batch_through_the_fused_kernels_decodes_as_through_the_torch_path(served_family, monkeypatch):
+    """``LITGPT_ETHER_KERNELS=triton``: every per-row reflection is one kernel driven by the rows' adapter index (on a
+    CPU through Triton's interpreter), and the tokens are those of the torch path."""
+    pytest.importorskip("triton")
+    from test_kernels import count_kernel_ops
+
+    base, adapters, model, rows = served_family
+    requests = requests_for(base, list(adapters))[: 2 * (len(adapters) + 1)]  # two prompts: the interpreter is slow
+    expected = served(model, rows, requests)
+    monkeypatch.setenv("LITGPT_ETHER_KERNELS", "triton")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    results = []
+    calls = count_kernel_ops(lambda: results.append(served(model, rows, requests)))
+    assert results[0] == expected
+    assert set(calls) <= {"reflect_rows", "reflect_rows_"} and calls
+
+
 def test_sampled_rows_decode_from_their_own_adapter(served_family):
     base, adapters, model, rows = served_family
     greedy = served(model, rows, requests_for(base, list(adapters)))
