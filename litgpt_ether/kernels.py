@@ -345,21 +345,26 @@ def _dots_bwd(
 
 @triton.jit
 def _reflect_rows_fwd(
-    X, Y, TABLE, INDEX, BIAS, R, tokens, sxt, sxc, syt, syc,
+    X, Y, TABLE, INDEX, BIAS, R, tokens, seg_w, sxs, sxt, sxc, sys, syt, syc,
     n, k, j, c_even, c_odd,
     HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Serving: ``Y = X @ H_a (+ bias)`` where each batch row ``b`` (``tokens`` rows of ``X`` each) has its own
     adapter ``a = INDEX[b]``, whose block's ``j`` unit vectors sit in ``TABLE[a, blk]`` (``(adapters, n, j, k)``,
-    normalised when the table was built); vector ``i`` has the coefficient ``c_even`` or ``c_odd`` by its parity."""
+    normalised when the table was built); vector ``i`` has the coefficient ``c_even`` or ``c_odd`` by its parity.
+
+    Column ``c`` of a row is element ``c % seg_w`` of segment ``c // seg_w``, segments ``sxs`` (``sys``) apart: a
+    fused QKV's ``[q | k | v]`` read from, or written to, three stacked matrices (a stride of 0 reads one input for
+    all three)."""
     pid_t, blk = tl.program_id(0), tl.program_id(1)
     offs_k = tl.arange(0, BLOCK_K)
     kmask = offs_k < k
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < R
     mask = rmask[:, None] & kmask[None, :]
-    cols = blk * k + offs_k
-    z = tl.load(X + rows[:, None] * sxt + cols[None, :] * sxc, mask=mask, other=0.0).to(ACC)
+    seg = (blk * k) // seg_w
+    cols = blk * k - seg * seg_w + offs_k
+    z = tl.load(X + seg * sxs + rows[:, None] * sxt + cols[None, :] * sxc, mask=mask, other=0.0).to(ACC)
     adapter = tl.load(INDEX + rows // tokens, mask=rmask, other=0)
     out = z
     for i in range(j):
@@ -368,8 +373,8 @@ def _reflect_rows_fwd(
         c = c_even + (c_odd - c_even) * (i % 2)
         out += c * tl.sum(z * w, axis=1)[:, None] * w
     if HAS_BIAS:
-        out += tl.load(BIAS + cols, mask=kmask, other=0.0).to(ACC)[None, :]
-    tl.store(Y + rows[:, None] * syt + cols[None, :] * syc, out.to(Y.dtype.element_ty), mask=mask)
+        out += tl.load(BIAS + blk * k + offs_k, mask=kmask, other=0.0).to(ACC)[None, :]
+    tl.store(Y + seg * sys + rows[:, None] * syt + cols[None, :] * syc, out.to(Y.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -635,17 +640,19 @@ def _(x, weight, grad_dots, grad_proj, us, vs, starts, ends, n) -> list[torch.Te
 
 def _rows_forward(
     x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None,
-    coefs: Sequence[float],
+    coefs: Sequence[float], seg_w: int, x_seg_stride: int = 0, y_seg_stride: int = 0,
 ) -> None:  # fmt: skip
-    x2, y2 = _rows(x), _rows(y)
+    """Launch ``_reflect_rows_fwd`` on ``x`` and ``y`` seen as ``(rows, columns)`` (their last two dims)."""
     _, n, j, k = table.shape
+    rows = x.shape[-2]
     block_k = triton.next_power_of_2(k)
-    block_t, tiles = _tiles(x2.shape[0], block_k)
+    block_t, tiles = _tiles(rows, block_k)
     if tiles > 0:
         _launch(
             _reflect_rows_fwd, (tiles, n),
-            x2, y2, table, index, bias if bias is not None else x2, x2.shape[0], x2.shape[0] // index.shape[0],
-            x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1), n, k, j, coefs[0], coefs[1 % len(coefs)],
+            x, y, table, index, bias if bias is not None else x, rows, rows // index.shape[0], seg_w,
+            x_seg_stride, x.stride(-2), x.stride(-1), y_seg_stride, y.stride(-2), y.stride(-1),
+            n, k, j, coefs[0], coefs[1 % len(coefs)],
             HAS_BIAS=bias is not None, ACC=_acc(x.dtype), BLOCK_T=block_t, BLOCK_K=block_k,
             num_warps=_warps(block_t, block_k),
         )  # fmt: skip
@@ -659,7 +666,7 @@ def reflect_rows(
     with its own adapter's unit vectors from ``table`` (``(adapters, n, j, k)``, coefficients ``coefs`` per block:
     ``(-2,)`` or ``(-1, 1)`` repeated)."""
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _rows_forward(x, y, table, index, bias, coefs)
+    _rows_forward(_rows(x), y.view(-1, x.shape[-1]), table, index, bias, coefs, x.shape[-1])
     return y
 
 
@@ -671,12 +678,44 @@ def _(x, table, index, bias, coefs) -> torch.Tensor:
 @torch.library.custom_op("litgpt_ether::reflect_rows_", mutates_args=("x",))
 def reflect_rows_(x: torch.Tensor, table: torch.Tensor, index: torch.Tensor, coefs: list[float]) -> None:
     """``reflect_rows`` in place (a fused QKV's output segment)."""
-    _rows_forward(x, x, table, index, None, coefs)
+    x2 = _rows(x)
+    _rows_forward(x2, x2, table, index, None, coefs, x.shape[-1])
 
 
 @reflect_rows_.register_fake
 def _(x, table, index, coefs) -> None:
     return None
+
+
+@torch.library.custom_op("litgpt_ether::reflect_rows_stacked", mutates_args=())
+def reflect_rows_stacked(x: torch.Tensor, table: torch.Tensor, index: torch.Tensor, coefs: list[float]) -> torch.Tensor:
+    """``(S, rows, d)``: ``x`` (``(rows, d)``) reflected by each of the ``S`` segments of ``table`` (``S·n`` blocks
+    over ``S·d`` columns; zeros: ``H = I``), the inputs of a fused QKV's segments, stacked for one batched matmul."""
+    segments = table.shape[1] * table.shape[-1] // x.shape[-1]
+    y = torch.empty(segments, *x.shape, dtype=x.dtype, device=x.device)
+    _rows_forward(x, y, table, index, None, coefs, x.shape[-1], 0, y.stride(0))
+    return y
+
+
+@reflect_rows_stacked.register_fake
+def _(x, table, index, coefs) -> torch.Tensor:
+    return x.new_empty(table.shape[1] * table.shape[-1] // x.shape[-1], *x.shape)
+
+
+@torch.library.custom_op("litgpt_ether::reflect_rows_unstacked", mutates_args=())
+def reflect_rows_unstacked(
+    z: torch.Tensor, table: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None, coefs: list[float]
+) -> torch.Tensor:
+    """``(rows, S·f)``: the ``S`` stacked outputs ``z`` (``(S, rows, f)``) side by side, each reflected by its
+    segment of ``table``, then ``+ bias``: the fused QKV's output as one matrix again."""
+    y = torch.empty(z.shape[1], z.shape[0] * z.shape[2], dtype=z.dtype, device=z.device)
+    _rows_forward(z, y, table, index, bias, coefs, z.shape[-1], z.stride(0), z.shape[-1])
+    return y
+
+
+@reflect_rows_unstacked.register_fake
+def _(z, table, index, bias, coefs) -> torch.Tensor:
+    return z.new_empty(z.shape[1], z.shape[0] * z.shape[2])
 
 
 # --------------------------------------------------------------------------------------------------

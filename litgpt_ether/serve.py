@@ -152,10 +152,29 @@ class ServedQKV(ETHERQKVLinear):
         first = next(iter(self.ether_out.values()))
         self.out_rows = AdapterTable(torch.cat([tables.get(s, zeros) for s in "qkv"], dim=1), first.coefs, first.rows)
         self.ether_out = None  # its tables live on in ``out_rows``: not twice in memory
+        self.in_rows: AdapterTable | None = None
+        if self.ether_in is not None:  # the input sides likewise; each segment's table becomes a view of it
+            tables = {segment: t.table for segment, t in self.ether_in.items()}
+            zeros = torch.zeros_like(next(iter(tables.values())))
+            self.in_rows = AdapterTable(
+                torch.cat([tables.get(s, zeros) for s in "qkv"], dim=1), first.coefs, first.rows
+            )
+            n = zeros.shape[1]
+            for i, segment in enumerate("qkv"):
+                if segment in self.ether_in:
+                    self.ether_in[segment].table = self.in_rows.table[:, i * n : (i + 1) * n]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ether_in is not None and not self.weight.dtype.is_floating_point:
             return super().forward(x)  # the low-rank path
+        if getattr(self, "in_rows", None) is not None and (kernels := fused_kernels(x)) is not None:
+            # both sides and equal segments: three launches, the inputs reflected into a stack, one batched matmul,
+            # the outputs reflected back side by side with the bias
+            index, coefs = self.out_rows.rows.index, list(self.out_rows.coefs)
+            stacked = kernels.reflect_rows_stacked(x.reshape(-1, x.shape[-1]), self.in_rows.table, index, coefs)
+            z = torch.bmm(stacked, self.weight.view(3, -1, x.shape[-1]).mT)
+            y = kernels.reflect_rows_unstacked(z, self.out_rows.table, index, self.bias, coefs)
+            return y.view(*x.shape[:-1], y.shape[-1])
         if self.ether_in is None:
             z = self.project(x, bias=False)
         else:
