@@ -74,6 +74,7 @@ NUMBER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.max_steps": at_least(1),
     "train.max_time": positive(),
     "train.max_seq_length": at_least(1),
+    "pad_multiple": at_least(1),
     "train.min_lr": at_least(0, integer=False),
     "eval.interval": at_least(1),
     "eval.max_new_tokens": at_least(1),

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 import yaml
 from lightning.fabric.strategies import ModelParallelStrategy
 from lightning.fabric.utilities import ThroughputMonitor
@@ -140,6 +141,8 @@ def setup(
     resume: bool | Literal["auto"] | Path = False,
     overwrite: bool = False,
     activation_checkpointing: bool | None = None,
+    compile: bool = False,
+    pad_multiple: int | None = None,
 ) -> None:
     """Finetune a model with ETHER or ETHER+.
 
@@ -184,6 +187,10 @@ def setup(
             deleted once the new run has saved its first checkpoint; a run that fails before that puts them back.
         activation_checkpointing: Recompute each transformer block's activations in the backward pass instead of
             keeping them: far less memory for about a third more compute. Default: on with more than one device.
+        compile: ``torch.compile`` each transformer block for the training steps (validation and generation stay
+            eager). One device. Pair it with ``pad_multiple``: every new batch length compiles again.
+        pad_multiple: Pad each training batch to a multiple of this many tokens (at most the model's maximum
+            sequence length) instead of to its longest sample, so batches come in a few lengths.
     """
     ether_args = {k: v for k, v in locals().items() if k.startswith("ether_")}
     pprint(locals())
@@ -197,6 +204,8 @@ def setup(
     if world_size > 1 and precision not in FSDP_PRECISIONS:
         raise ConfigError(f"--precision {precision} does not work with FSDP (more than one device): use one of"
                           f" {', '.join(FSDP_PRECISIONS)}")  # fmt: skip
+    if compile and world_size > 1:
+        raise ConfigError("--compile true runs on one device: drop it, or train with --devices 1")
     if activation_checkpointing is None:
         activation_checkpointing = world_size > 1
     check_checkpoint_dir(checkpoint_dir)
@@ -243,7 +252,7 @@ def setup(
     try:
         fabric.launch(
             main, devices, seed, config, data, checkpoint_dir, out_dir, train, eval, optimizer, num_nodes,
-            test_rows, resume_dir, activation_checkpointing and world_size == 1,
+            test_rows, resume_dir, activation_checkpointing and world_size == 1, compile, pad_multiple,
         )  # fmt: skip
     except BaseException:
         if set_aside:
@@ -266,6 +275,8 @@ def main(
     test_rows: list[dict] | None = None,
     resume_dir: Path | None = None,
     checkpoint_blocks: bool = False,
+    compile: bool = False,
+    pad_multiple: int | None = None,
 ) -> None:
     tokenizer = Tokenizer(checkpoint_dir)
     try:
@@ -305,6 +316,9 @@ def main(
     else:  # the same starting adapter on any device and number of processes, drawn from the seed alone
         adapter = initial_ether_state(model, seed)
 
+    if compile:  # per block, as torchtune does: one graph per block, compiled once for all of them
+        for block in model.transformer.h:
+            block.compile()
     if checkpoint_blocks:  # with FSDP, ``parallelize`` does it
         checkpoint_each_block(model)
     model = fabric.setup_module(model)
@@ -329,25 +343,31 @@ def main(
 
     summary = progress.summary  # saved with every step checkpoint, so a resumed run keeps the "before" score
     if test_rows and "exact_match_before" not in summary:
-        summary["exact_match_before"] = exact_match(fabric, model, tokenizer, data.prompt_style, test_rows, eval)
+        summary["exact_match_before"] = eagerly(
+            exact_match, fabric, model, tokenizer, data.prompt_style, test_rows, eval
+        )
         fabric.print(
             f"Held-out exact match before tuning: {summary['exact_match_before']:.1%} ({len(test_rows)} samples)"
         )
     rng = state["rng"] if state is not None else None
     progress = fit(fabric, model, optimizer, scheduler, train_dataloader, val_dataloader, devices, checkpoint_dir,
-                   out_dir, train, eval, data, longest, num_nodes, progress, rng, run)  # fmt: skip
+                   out_dir, train, eval, data, longest, num_nodes, progress, rng, run, pad_multiple)  # fmt: skip
     training_time, token_counts = progress.seconds, progress.token_counts
     fabric.print(create_finetuning_performance_report(training_time, token_counts, fabric.device.type))
 
     summary["training_seconds"] = training_time
     summary["tokens_per_second"] = token_counts["raw_tokens_plus_prompt_template_and_padding"] / training_time
     if eval.final_validation:
-        val_loss = validate(fabric, model, val_dataloader, dataclasses.replace(eval, max_iters=len(val_dataloader)))
+        val_loss = eagerly(
+            validate, fabric, model, val_dataloader, dataclasses.replace(eval, max_iters=len(val_dataloader))
+        )
         fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
         fabric.print(f"Final evaluation | val loss: {val_loss.item():.3f} | val ppl: {math.exp(val_loss):.3f}")
         summary["val_loss"] = val_loss.item()
     if test_rows:
-        summary["exact_match_after"] = exact_match(fabric, model, tokenizer, data.prompt_style, test_rows, eval)
+        summary["exact_match_after"] = eagerly(
+            exact_match, fabric, model, tokenizer, data.prompt_style, test_rows, eval
+        )
 
     final_dir = out_dir / "final"
     save_checkpoint(fabric, model, config, checkpoint_dir, final_dir, data, summary=summary)
@@ -500,6 +520,7 @@ def fit(
     progress: Progress | None = None,
     rng: dict | None = None,
     run: dict | None = None,
+    pad_multiple: int | None = None,
 ) -> Progress:
     """The training loop. With ``progress`` and ``rng`` from a step checkpoint it continues that run exactly: the
     data iterator is replayed to the same position and the random state restored after it. ``longest_seq_length``
@@ -514,9 +535,9 @@ def fit(
     )
     if eval.initial_validation and not resumed:
         full = dataclasses.replace(eval, max_iters=len(val_dataloader))
-        progress.val_loss = f"{validate(fabric, model, val_dataloader, full):.3f}"
-    else:
-        validate(fabric, model, val_dataloader, dataclasses.replace(eval, max_iters=2), verbose=False)  # sanity check
+        progress.val_loss = f"{eagerly(validate, fabric, model, val_dataloader, full):.3f}"
+    else:  # a sanity check
+        eagerly(validate, fabric, model, val_dataloader, dataclasses.replace(eval, max_iters=2), verbose=False)
 
     accumulation = train.gradient_accumulation_iters(devices, num_nodes)
     train_iterator = CycleIterator(train_dataloader)
@@ -542,6 +563,8 @@ def fit(
             fabric.print("Number of epochs or max time reached, stopping training...")
             break
         input_ids, targets = batch["input_ids"], batch["labels"]
+        if pad_multiple is not None:
+            input_ids, targets = pad_to_multiple(input_ids, targets, pad_multiple, model.max_seq_length)
 
         is_accumulating = iter_num % accumulation != 0
         with fabric.no_backward_sync(model, enabled=is_accumulating):
@@ -594,8 +617,8 @@ def fit(
 
         if not is_accumulating and progress.step % eval.interval == 0:
             t0 = time.perf_counter()
-            val = validate(fabric, model, val_dataloader, eval)
-            sample_example(fabric, model, tokenizer, eval, data, seed=iter_num)
+            val = eagerly(validate, fabric, model, val_dataloader, eval)
+            eagerly(sample_example, fabric, model, tokenizer, eval, data, seed=iter_num)
             val = fabric.all_reduce(val.to(fabric.device), reduce_op="mean")
             progress.val_loss = f"{val.item():.3f}"
             fabric.print(
@@ -614,6 +637,26 @@ def fit(
     progress.seconds += time.perf_counter() - total_t0
     progress.token_counts = total_counts(fabric, progress.token_counts, counts)
     return progress
+
+
+def pad_to_multiple(
+    input_ids: torch.Tensor, targets: torch.Tensor, multiple: int, limit: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch padded on the right to a multiple of ``multiple`` tokens (at most ``limit``), as litgpt's collate pads
+    (token 0, label ``-100``, which the loss ignores): batch lengths from a few values, so a compiled model is not
+    compiled again for every new one."""
+    length = input_ids.shape[1]
+    padded = max(length, min(-(-length // multiple) * multiple, limit))
+    if padded == length:
+        return input_ids, targets
+    return F.pad(input_ids, (0, padded - length), value=0), F.pad(targets, (0, padded - length), value=-100)
+
+
+def eagerly(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(...)`` with compiled blocks run uncompiled: validation and generation have other shapes than the training
+    batches (and a KV cache), each of which would compile the blocks again."""
+    with torch.compiler.set_stance("force_eager"):
+        return fn(*args, **kwargs)
 
 
 def total_counts(fabric: L.Fabric, before: dict[str, int], counts: dict[str, int]) -> dict[str, int]:

@@ -451,6 +451,7 @@ def time_variant(
     warmup: int,
     quantize: str | None = None,
     profile: int = 0,
+    compile: bool = False,
 ) -> dict[str, Any] | None:
     """Median step time, peak memory and trainable parameters of one variant; None if skipped.
 
@@ -468,6 +469,9 @@ def time_variant(
     if gpt is None:
         return None
     gpt = gpt.to(device)  # quantizes bitsandbytes layers not quantized yet (built off CUDA): a no-op otherwise
+    if compile:  # as finetune --compile: each block, for every variant alike (the warm-up steps compile)
+        for block in gpt.transformer.h:
+            block.compile()
     gpt.max_seq_length = seq_len
     gpt.train()
     params = [p for p in gpt.parameters() if p.requires_grad]
@@ -502,6 +506,8 @@ def time_variant(
         note(f"{variant}: one step's costliest operations\n{prof.key_averages().table(sort_by=key, row_limit=profile)}")
     return {
         "variant": variant,
+        "kernels": ether.kernel_mode(),
+        "compiled": compile,
         "step_ms": 1000 * statistics.median(times),
         "peak_mem_gib": peak,
         "trainable_params": sum(p.numel() for p in params),
@@ -525,6 +531,7 @@ def time_cmd(
     device: str = "cuda",
     quantize: str | None = None,
     profile: int = 0,
+    compile: bool = False,
 ) -> list[dict[str, Any]]:
     """Time training steps of each variant: bf16-true on a GPU, random weights, AdamW (lr 1e-3).
 
@@ -540,6 +547,7 @@ def time_cmd(
         quantize: Quantize every base linear with bitsandbytes ("bnb.nf4", ...): ``lora-r8`` is then litgpt's QLoRA.
             The reference variants are skipped.
         profile: Profile one more step per variant and print its this many costliest operations to stderr.
+        compile: ``torch.compile`` each transformer block of every variant (the warm-up steps compile).
     """
     dev, dtype = resolve_device(device)
     if quantize is not None and quantize.startswith("bnb.int8"):
@@ -549,7 +557,9 @@ def time_cmd(
         free_memory(dev)  # the previous variant's model and optimizer are gone with time_variant's frame
         note(f"timing {variant} ...")
         try:
-            r = time_variant(variant, model, dev, dtype, micro_batch_size, seq_len, steps, warmup, quantize, profile)
+            r = time_variant(
+                variant, model, dev, dtype, micro_batch_size, seq_len, steps, warmup, quantize, profile, compile
+            )
         except torch.OutOfMemoryError:
             note(f"{variant}: out of memory")
             r = {"variant": variant, "step_ms": None, "peak_mem_gib": None, "trainable_params": None, "oom": True}
@@ -1040,6 +1050,7 @@ def parser() -> argparse.ArgumentParser:
                 help="quantize the base weights (lora-r8 becomes QLoRA)",
             )
             sp.add_argument("--profile", type=int, default=default("profile"), help="print N costliest ops per variant")
+            sp.add_argument("--compile", action="store_true", help="torch.compile each block of every variant")
         if name == "generate":
             sp.add_argument("--prompt_len", type=int, default=default("prompt_len"))
             sp.add_argument("--new_tokens", type=int, default=default("new_tokens"))

@@ -162,3 +162,81 @@ def test_test_data_that_is_missing_or_not_json_is_refused(tmp_path):
         load_test_rows(tmp_path / "test.json")
     with pytest.raises(ConfigError, match="is not a readable JSON file"):
         load_test_rows(tmp_path / "missing.json")
+
+
+def test_padded_batches_train_exactly_as_unpadded_ones(checkpoint_dir, dataset_path, tmp_path):
+    """``--pad_multiple``: the extra positions carry label -100 and sit after every sample's tokens (causal
+    attention never lets them reach earlier ones), so the losses are those of litgpt's own padding."""
+    losses = []
+    for name, extra in (("plain", ()), ("padded", ("--pad_multiple", "16"))):
+        out_dir = tmp_path / name
+        result = run_main(*finetune_args(checkpoint_dir, dataset_path, out_dir, "--train.max_steps", "4", *extra))
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses.append(logged_losses(out_dir))
+    assert len(losses[0]) == 4
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
+def test_pad_to_multiple_pads_with_ignored_labels_up_to_the_limit():
+    from litgpt_ether.finetune import pad_to_multiple
+
+    ids, labels = torch.ones(2, 5, dtype=torch.long), torch.full((2, 5), 7)
+    for multiple, limit, length in ((4, 64, 8), (16, 12, 12), (5, 64, 5), (3, 4, 5)):  # never below the batch
+        padded_ids, padded_labels = pad_to_multiple(ids, labels, multiple, limit)
+        assert padded_ids.shape == padded_labels.shape == (2, length)
+        assert (padded_ids[:, 5:] == 0).all() and (padded_labels[:, 5:] == -100).all()
+        assert torch.equal(padded_ids[:, :5], ids) and torch.equal(padded_labels[:, :5], labels)
+
+
+@pytest.mark.parametrize("method", ["ether", "etherplus"])
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_ether_models_compile_to_one_graph_without_a_break(method, kernels, monkeypatch):
+    """As litgpt's test_lora_compile: the whole model, forward, one graph; with the fused kernels too."""
+    if kernels == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("LITGPT_ETHER_KERNELS", kernels)
+    config = Config.from_name("Llama-2-7b-hf", n_layer=2, n_embd=64, n_head=4, n_query_groups=2, intermediate_size=128,
+                              padded_vocab_size=64, vocab_size=64, block_size=32, ether_method=method, ether_nb=4,
+                              ether_query=True, ether_value=True, ether_mlp=True)  # fmt: skip
+    model = GPT(config)
+    explanation = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 16)))
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_compiled_blocks_train_as_eager_ones(checkpoint_dir, dataset_path, tmp_path, monkeypatch):
+    """``--compile true`` compiles the blocks once (padded batches: one length) and the steps match eager ones. Here
+    with the ``aot_eager`` backend, which traces as inductor does without its minutes of C++ compilation on a CPU."""
+    from torch._dynamo.utils import counters
+
+    compile_block = torch.nn.Module.compile
+    compiled = []
+
+    def aot_eager(module, *args, **kwargs):
+        compiled.append(module)
+        return compile_block(module, backend="aot_eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", aot_eager)
+    monkeypatch.setenv("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+    monkeypatch.setenv("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
+    torch._dynamo.reset()
+    counters.clear()
+    losses = []
+    for name, extra in (("eager", ()), ("compiled", ("--compile", "true"))):
+        out_dir = tmp_path / name
+        args = finetune_args(checkpoint_dir, dataset_path, out_dir, "--train.max_steps", "4", "--pad_multiple", "16")
+        result = run_main(*args, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses.append(logged_losses(out_dir))
+    assert [type(m).__name__ for m in compiled] == ["Block", "Block"]
+    # two graphs for all blocks and steps: the first block's input needs no gradient (the frozen embedding's), the
+    # others' do; no new one for any later step
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
+def test_compile_on_more_than_one_device_is_a_one_line_error(checkpoint_dir, dataset_path, tmp_path):
+    args = finetune_args(checkpoint_dir, dataset_path, tmp_path / "out", "--compile", "true", "--devices", "2",
+                         "--accelerator", "cpu")  # fmt: skip
+    result = run_main(*args)
+    assert result.returncode != 0 and "--compile true runs on one device" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
