@@ -532,6 +532,8 @@ def time_cmd(
     quantize: str | None = None,
     profile: int = 0,
     compile: bool = False,
+    repeats: int = 1,
+    kernels: tuple[str, ...] | None = None,
 ) -> list[dict[str, Any]]:
     """Time training steps of each variant: bf16-true on a GPU, random weights, AdamW (lr 1e-3).
 
@@ -548,40 +550,92 @@ def time_cmd(
             The reference variants are skipped.
         profile: Profile one more step per variant and print its this many costliest operations to stderr.
         compile: ``torch.compile`` each transformer block of every variant (the warm-up steps compile).
+        repeats: Rounds over every variant and path, interleaved, so that background load falls on all of them; a row
+            then holds the median and the range of its rounds, its ratios those of each round against that round's.
+        kernels: The paths to time the ETHER variants on ("torch", "triton": ``LITGPT_ETHER_KERNELS``; default: the
+            environment's).
     """
     dev, dtype = resolve_device(device)
     if quantize is not None and quantize.startswith("bnb.int8"):
         dtype = torch.float16  # bitsandbytes' int8 layers compute in float16 only
-    results = []
-    for variant in select(variants):
-        free_memory(dev)  # the previous variant's model and optimizer are gone with time_variant's frame
-        note(f"timing {variant} ...")
-        try:
-            r = time_variant(
-                variant, model, dev, dtype, micro_batch_size, seq_len, steps, warmup, quantize, profile, compile
-            )
-        except torch.OutOfMemoryError:
-            note(f"{variant}: out of memory")
-            r = {"variant": variant, "step_ms": None, "peak_mem_gib": None, "trainable_params": None, "oom": True}
-        if r is not None:
-            results.append(r)
-    free_memory(dev)
-    ratios(results, "step_ms")
+    rounds: list[list[dict[str, Any]]] = []
+    for _ in range(repeats):
+        results = []
+        for variant in select(variants):
+            ether_variant = _ETHER_VARIANT.fullmatch(variant) is not None and not variant.startswith("reference-")
+            for path in kernels if kernels and ether_variant else [None]:
+                free_memory(dev)  # the previous variant's model and optimizer are gone with time_variant's frame
+                note(f"timing {variant}{f' ({path})' if path else ''} ...")
+                try:
+                    with kernel_path(path):
+                        r = time_variant(variant, model, dev, dtype, micro_batch_size, seq_len, steps, warmup,
+                                         quantize, profile, compile)  # fmt: skip
+                except torch.OutOfMemoryError:
+                    note(f"{variant}: out of memory")
+                    r = {"variant": variant, "kernels": path, "step_ms": None, "peak_mem_gib": None,
+                         "trainable_params": None, "oom": True}  # fmt: skip
+                if r is not None:
+                    results.append(r)
+        free_memory(dev)
+        ratios(results, "step_ms")
+        rounds.append(results)
+    results = combine_rounds(rounds)
     if json:
         for r in results:
             print(jsonlib.dumps(r), flush=True)
         return results
     where = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU (fp32)"
     base = f", base weights {quantize}" if quantize else ""
-    print(f"{model}{base}, micro-batch {micro_batch_size} x {seq_len} tokens, {where}: median of {steps} steps")
-    print(f"{'variant':24s} {'step ms':>9s} {'/ lora-r8':>10s} {'/ frozen':>9s} {'peak GiB':>9s} {'trainable':>12s}")
+    runs = f"; medians (min-max) of {repeats} interleaved rounds" if repeats > 1 else ""
+    print(f"{model}{base}, micro-batch {micro_batch_size} x {seq_len} tokens, {where}: median of {steps} steps{runs}")
+    print(f"{'variant':24s} {'path':7s} {'step ms':>9s} {'/ lora-r8':>10s} {'range':>13s} {'/ frozen':>9s} "
+          f"{'peak GiB':>9s} {'trainable':>12s}")  # fmt: skip
     for r in results:
         trainable = "-" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
+        lo, hi = r.get("ratio_lora_range") or (None, None)
+        spread = f"{lo:.3f}-{hi:.3f}" if lo is not None else "-"
         print(
-            f"{r['variant']:24s} {fmt(r['step_ms'], '9.1f')} {fmt(r['ratio_lora'], '10.3f')} "
-            f"{fmt(r['ratio_frozen'], '9.3f')} {fmt(r['peak_mem_gib'], '9.2f')} {trainable:>12s}"
+            f"{r['variant']:24s} {r['kernels'] or '-':7s} {fmt(r['step_ms'], '9.1f')} {fmt(r['ratio_lora'], '10.3f')}"
+            f" {spread:>13s} {fmt(r['ratio_frozen'], '9.3f')} {fmt(r['peak_mem_gib'], '9.2f')} {trainable:>12s}"
         )
     return results
+
+
+@contextmanager
+def kernel_path(path: str | None) -> Iterator[None]:
+    """``LITGPT_ETHER_KERNELS=path`` for the block (no change for None), restored after."""
+    previous = os.environ.get("LITGPT_ETHER_KERNELS")
+    if path is not None:
+        os.environ["LITGPT_ETHER_KERNELS"] = path
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("LITGPT_ETHER_KERNELS", None)
+        else:
+            os.environ["LITGPT_ETHER_KERNELS"] = previous
+
+
+def combine_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per variant and path: the median of its rounds' step times and ratios, with their ranges, and the
+    highest peak memory."""
+    if len(rounds) == 1:
+        return rounds[0]
+    rows: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
+    for results in rounds:
+        for r in results:
+            rows.setdefault((r["variant"], r["kernels"]), []).append(r)
+    combined = []
+    for runs in rows.values():
+        row = dict(runs[0], rounds=len(runs))
+        for key in ("step_ms", "ratio_lora", "ratio_frozen"):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            row[key] = statistics.median(values) if values else None
+            row[f"{key}_range"] = [min(values), max(values)] if values else None
+        peaks = [r["peak_mem_gib"] for r in runs if r.get("peak_mem_gib") is not None]
+        row["peak_mem_gib"] = max(peaks) if peaks else None
+        combined.append(row)
+    return combined
 
 
 # --------------------------------------------------------------------------------------------------
@@ -786,23 +840,16 @@ def ops(
         block_size=max(64, seq_len),
     )
     results = []
-    previous = os.environ.get("LITGPT_ETHER_KERNELS")
-    try:
-        for variant in select(variants or OPS_VARIANTS):
-            ether_variant = _ETHER_VARIANT.fullmatch(variant) is not None and not variant.startswith("reference-")
-            for path in kernels if ether_variant else ["-"]:
-                if path == "triton" and not _has_triton():
-                    note(f"skipping {variant} (triton): Triton is not installed")
-                    continue
-                os.environ["LITGPT_ETHER_KERNELS"] = path if path != "-" else "torch"
+    for variant in select(variants or OPS_VARIANTS):
+        ether_variant = _ETHER_VARIANT.fullmatch(variant) is not None and not variant.startswith("reference-")
+        for path in kernels if ether_variant else ["-"]:
+            if path == "triton" and not _has_triton():
+                note(f"skipping {variant} (triton): Triton is not installed")
+                continue
+            with kernel_path(path if path != "-" else "torch"):
                 counted = count_step(variant, config, micro_batch_size, seq_len)
-                if counted is not None:
-                    results.append({**counted, "kernels": path})
-    finally:
-        if previous is None:
-            os.environ.pop("LITGPT_ETHER_KERNELS", None)
-        else:
-            os.environ["LITGPT_ETHER_KERNELS"] = previous
+            if counted is not None:
+                results.append({**counted, "kernels": path})
     by_name = {r["variant"]: r for r in results if r["kernels"] == "-"}
     for r in results:
         for key in ("operators", "launches"):
@@ -1051,6 +1098,8 @@ def parser() -> argparse.ArgumentParser:
             )
             sp.add_argument("--profile", type=int, default=default("profile"), help="print N costliest ops per variant")
             sp.add_argument("--compile", action="store_true", help="torch.compile each block of every variant")
+            sp.add_argument("--repeats", type=int, default=default("repeats"), help="interleaved rounds")
+            sp.add_argument("--kernels", nargs="+", choices=["torch", "triton"], help="ETHER paths to time")
         if name == "generate":
             sp.add_argument("--prompt_len", type=int, default=default("prompt_len"))
             sp.add_argument("--new_tokens", type=int, default=default("new_tokens"))

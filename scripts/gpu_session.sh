@@ -5,13 +5,14 @@
 #   OUT=/tmp/cpu DEVICE=cpu LLAMA=pythia-14m PHI=pythia-14m DEMO_STEPS=20 bash scripts/gpu_session.sh  # a dry run
 #
 # Phases, each under its own timeout and skipped when the budget (BUDGET seconds) is spent, most wanted first:
-#   1. serve's decoding throughput, K adapters mixed in a batch against one merged model (scripts/benchmark.py
-#      serve), Llama-2-7B with the paper's ETHER and ETHER+ adapters (q and v, n = 32);
-#   2. training step time and peak memory (scripts/benchmark.py time): Llama-2-7B 4 x 512, the nf4 base against
-#      QLoRA, a profile of one step of LoRA, ETHER and ETHER+;
-#   3. the CUDA tests (tests/test_cuda.py, tests/test_quantize.py), the GPU to themselves;
-#   4. more timings: Phi-1.5 4 x 256, merged vs base generation speed, Llama-2-7B 1 x 256;
-#   5. the rest of the test suite with CUDA visible in the background (8 workers), while the foreground runs a
+#   1. the fused kernels on the GPU: tests/test_kernels.py and tests/test_cuda.py (both paths), the GPU to
+#      themselves; they decide whether LITGPT_ETHER_KERNELS=auto may choose the kernels on CUDA;
+#   2. training step time and peak memory (scripts/benchmark.py time), Llama-2-7B 4 x 512, the kernels' path and
+#      the torch path interleaved, 3 repeats (medians and ranges); a profile of one step of LoRA, ETHER and ETHER+
+#      with the kernels (the kernels a step launches);
+#   3. Phi-1.5 4 x 256 likewise; serve's decoding throughput with the kernels, Llama-2-7B, the paper's ETHER and
+#      ETHER+ adapters (q and v, n = 32), K = 1 and 64; the nf4 base against QLoRA; compiled blocks, LoRA and ETHER;
+#   4. the rest of the test suite with CUDA visible in the background (8 workers), while the foreground runs a
 #      real-size finetune / resume / merge check (scripts/finetune_check.py) and times the demo's pretraining
 #      on the GPU (scripts/make_demo.py); with END_TO_END=0 (once those have run) the suite runs alone.
 # The timings have the GPU and the CPU to themselves: eager decoding and small steps are bound by
@@ -67,22 +68,26 @@ export PATH=/tmp/bin:$PATH
 } >>"$LOG" 2>&1
 
 B="python3 scripts/benchmark.py"
-VARIANTS="frozen lora-r8 ether-n1 ether-n4 ether-n32 etherplus-n1 etherplus-n4 etherplus-n32"
-phase "serve $LLAMA" 200 $B serve --device "$DEVICE" --checkpoint_dir "$LLAMA" --adapters 1 64 --repeats 3 \
-    --presets config_hub/finetune/llama-2-7b/ether.yaml config_hub/finetune/llama-2-7b/etherplus.yaml
-phase "time $LLAMA 4x512" 110 $B time --device "$DEVICE" --model "$LLAMA" --micro_batch_size 4 --seq_len 512 --variants $VARIANTS
-phase "time $LLAMA 1x256 nf4" 90 $B time --device "$DEVICE" --model "$LLAMA" --micro_batch_size 1 --seq_len 256 \
-    --quantize bnb.nf4 --variants frozen lora-r8 ether-n1 ether-n32 etherplus-n1 etherplus-n32
-phase "profile $LLAMA 4x512" 50 $B time --device "$DEVICE" --model "$LLAMA" --micro_batch_size 4 --seq_len 512 \
-    --steps 2 --warmup 2 --profile 20 --variants lora-r8 ether-n4 etherplus-n4
-CUDA_TESTS="tests/test_cuda.py tests/test_quantize.py"
+T="--device $DEVICE --steps 5 --warmup 2 --repeats 3 --kernels triton torch"
+CUDA_TESTS="tests/test_kernels.py tests/test_cuda.py"
 phase "pytest $CUDA_TESTS" 150 python3 -m pytest -q -n 4 -p no:cacheprovider $CUDA_TESTS
-phase "time $PHI 4x256" 60 $B time --device "$DEVICE" --model "$PHI" --micro_batch_size 4 --seq_len 256 --variants $VARIANTS
-phase "generate $LLAMA" 55 $B generate --device "$DEVICE" --model "$LLAMA"
-phase "time $LLAMA 1x256" 60 $B time --device "$DEVICE" --model "$LLAMA" --micro_batch_size 1 --seq_len 256 --variants $VARIANTS
+phase "time $LLAMA 4x512" 200 $B time $T --model "$LLAMA" --micro_batch_size 4 --seq_len 512 \
+    --variants frozen lora-r8 ether-n1 ether-n32 etherplus-n4 etherplus-n32
+phase "profile $LLAMA 4x512 (kernels)" 50 env LITGPT_ETHER_KERNELS=triton $B time --device "$DEVICE" --model "$LLAMA" \
+    --micro_batch_size 4 --seq_len 512 --steps 2 --warmup 2 --profile 20 --variants lora-r8 ether-n4 etherplus-n4
+phase "time $PHI 4x256" 90 $B time $T --model "$PHI" --micro_batch_size 4 --seq_len 256 \
+    --variants frozen lora-r8 ether-n1 ether-n32 etherplus-n1 etherplus-n32
+phase "serve $LLAMA (kernels)" 150 env LITGPT_ETHER_KERNELS=triton $B serve --device "$DEVICE" --checkpoint_dir "$LLAMA" \
+    --adapters 1 64 --repeats 3 --presets config_hub/finetune/llama-2-7b/ether.yaml config_hub/finetune/llama-2-7b/etherplus.yaml
+phase "time $LLAMA 1x256 nf4" 90 $B time $T --model "$LLAMA" --micro_batch_size 1 --seq_len 256 --quantize bnb.nf4 \
+    --variants lora-r8 ether-n32 etherplus-n32
+phase "time $LLAMA 4x512 compiled" 150 $B time --device "$DEVICE" --steps 5 --warmup 3 --kernels triton --compile \
+    --model "$LLAMA" --micro_batch_size 4 --seq_len 512 --variants lora-r8 ether-n32 etherplus-n32
+phase "pytest tests/test_quantize.py" 60 python3 -m pytest -q -p no:cacheprovider tests/test_quantize.py
 
 # the rest of the suite: in the background of the end-to-end checks, or alone (END_TO_END=0, when those have run)
-REST="python3 -m pytest -q -n 8 -p no:cacheprovider tests --ignore=tests/test_cuda.py --ignore=tests/test_quantize.py"
+REST="python3 -m pytest -q -n 8 -p no:cacheprovider tests --ignore=tests/test_cuda.py --ignore=tests/test_quantize.py \
+    --ignore=tests/test_kernels.py"
 echo "=== pytest, the rest (t=$(($(date +%s) - START)) s)" | tee -a "$LOG"
 REST_S=$(($(left) - 5))
 ((REST_S >= 10)) || REST_S=1  # timeout 0 would mean no limit at all

@@ -239,3 +239,40 @@ def test_time_cpu_quantized(capsys):
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(m.weight.dtype == torch.uint8 for m in linears)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_time_rounds_interleave_the_paths_and_report_medians_and_ranges(capsys):
+    rows = run_json(capsys, "time", "--model", "pythia-14m", "--device", "cpu", "--seq_len", "8", "--steps", "1",
+                    "--warmup", "1", "--json", "--repeats", "3", "--kernels", "torch", "triton",
+                    "--variants", "lora-r8", "ether-n4")  # fmt: skip
+    assert [(r["variant"], r["kernels"]) for r in rows] == [("lora-r8", "auto"), ("ether-n4", "torch"),
+                                                           ("ether-n4", "triton")]  # fmt: skip
+    for r in rows:
+        assert r["rounds"] == 3
+        lo, hi = r["step_ms_range"]
+        assert lo <= r["step_ms"] <= hi
+    assert rows[0]["ratio_lora_range"] == [1.0, 1.0]  # each round against its own LoRA
+
+
+def test_combine_rounds_takes_medians_ranges_and_the_highest_peak():
+    runs = [[{"variant": "v", "kernels": "torch", "step_ms": ms, "ratio_lora": ms / 10, "ratio_frozen": None,
+              "peak_mem_gib": peak}] for ms, peak in ((12.0, 1.0), (10.0, 3.0), (30.0, 2.0))]  # fmt: skip
+    (row,) = benchmark.combine_rounds(runs)
+    assert row["step_ms"] == 12.0 and row["step_ms_range"] == [10.0, 30.0]
+    assert row["ratio_lora"] == pytest.approx(1.2) and row["peak_mem_gib"] == 3.0 and row["ratio_frozen"] is None
+
+
+def test_ops_counts_fewer_operators_with_the_kernels(capsys):
+    """The operator count of a training step (fwd + bwd): the fused path dispatches one op per layer side where the
+    torch path dispatches dozens, and its launches are counted apart."""
+    rows = run_json(capsys, "ops", "--n_embd", "64", "--seq_len", "8", "--json", "--variants", "frozen", "lora-r8",
+                    "ether-n4", "etherplus-n4")  # fmt: skip
+    by = {(r["variant"], r["kernels"]): r for r in rows}
+    assert set(by) == {("frozen", "-"), ("lora-r8", "-"), *((v, p) for v in ("ether-n4", "etherplus-n4")
+                                                           for p in ("torch", "triton"))}  # fmt: skip
+    for variant in ("ether-n4", "etherplus-n4"):
+        fused, plain = by[(variant, "triton")], by[(variant, "torch")]
+        assert fused["operators"] < by[("lora-r8", "-")]["operators"] < plain["operators"]
+        assert fused["launches"] > fused["operators"]  # a fused backward is two launches
+        assert plain["launches"] <= plain["operators"]  # allocations launch nothing
+        assert fused["operators_lora-r8"] == pytest.approx(fused["operators"] / by[("lora-r8", "-")]["operators"])
