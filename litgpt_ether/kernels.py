@@ -20,6 +20,7 @@ The tests run these kernels on the CPU through Triton's interpreter (``TRITON_IN
 imported), which needs fixed launch configurations: there is no autotuning here, only the heuristics in ``_launch``.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -456,10 +457,16 @@ def _forward(
     )  # fmt: skip
 
 
-def _programs_per_column(tiles: int, programs_c: int) -> int:
+@functools.cache
+def _target_programs(device: int | None) -> int:
+    """About four programs per streaming multiprocessor of the GPU (a few on the CPU's interpreter)."""
+    return 8 if device is None else 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _programs_per_column(tiles: int, programs_c: int, device: torch.device) -> int:
     """Row programs of the backward: enough to fill a GPU (the partials then take ``rows x blocks x k`` fp32)."""
-    target = 4 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
-        if torch.cuda.is_available() else 8  # fmt: skip
+    target = _target_programs(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else _target_programs(None)  # fmt: skip
     return max(1, min(tiles, -(-target // programs_c)))
 
 
@@ -513,7 +520,7 @@ def reflect_backward(
     grads_v = [torch.empty_like(v) for v in vs]
     seg_args, programs_c, block_k = _layout(cols, sizes, [*zcols, *[0] * (len(cols) - len(zcols))], len(us), n)
     block_t, tiles = _tiles(g2.shape[0], block_k)
-    programs_t = _programs_per_column(tiles, programs_c)
+    programs_t = _programs_per_column(tiles, programs_c, g.device)
     acc = _acc(g.dtype)
     # every program writes its whole slot (zeros where it has nothing): no memset needed
     partials = torch.empty(programs_t, programs_c, 2, block_k, dtype=_torch_acc(g.dtype), device=g.device)
@@ -604,9 +611,9 @@ def input_dots_backward(
     grads_u = [torch.empty_like(u) for u in us]
     grads_v = [torch.empty_like(v) for v in vs]
     block_t, tiles_x = _tiles(x2.shape[0], block_k)
-    programs_x = _programs_per_column(tiles_x, n)
+    programs_x = _programs_per_column(tiles_x, n, x.device)
     _, tiles_w = _tiles(max(e - s for s, e in zip(starts, ends)), block_k)
-    programs_w = _programs_per_column(tiles_w, segs * n)
+    programs_w = _programs_per_column(tiles_w, segs * n, x.device)
     partials = torch.empty(programs_x + programs_w, segs * n, 2, block_k, dtype=_torch_acc(x.dtype), device=x.device)
     fill, acc = us[0], _acc(x.dtype)
     common = dict(PLUS=bool(vs), ACC=acc, BLOCK_T=block_t, BLOCK_K=block_k, num_warps=_warps(block_t, block_k))
