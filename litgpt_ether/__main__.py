@@ -17,7 +17,7 @@ from litgpt.utils import CLI
 from litgpt_ether.chat import main as chat_fn
 from litgpt_ether.checks import ConfigError
 from litgpt_ether.evaluate import evaluate as evaluate_fn
-from litgpt_ether.finetune import NonFiniteLossError
+from litgpt_ether.finetune import Interrupted, NonFiniteLossError
 from litgpt_ether.finetune import setup as finetune_fn
 from litgpt_ether.generate import main as generate_fn
 from litgpt_ether.inspect import inspect as inspect_fn
@@ -163,6 +163,11 @@ def main() -> None:
             raise
         print(f"litgpt_ether: error: {' '.join(explain(str(err), sys.argv[1:]).split())}", file=sys.stderr)
         sys.exit(2 if isinstance(err, ArgumentError) else 1)
+    except (Interrupted, KeyboardInterrupt) as err:  # Ctrl-C: 128 + SIGINT, as a shell reports it
+        if debug():
+            raise
+        print(f"litgpt_ether: {err or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

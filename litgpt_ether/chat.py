@@ -17,6 +17,10 @@ from litgpt_ether.checks import InferenceQuantize, check_numbers
 from litgpt_ether.generate import PromptTooLongError, check_fits, load_for_inference
 
 
+class PromptSkippedError(PromptTooLongError):
+    """A prompt that cannot be answered; the chat goes on with the next."""
+
+
 class _ContextGuard:
     """The tokenizer, refusing a prompt that leaves no room for ``max_new_tokens`` in the model's context.
 
@@ -27,8 +31,10 @@ class _ContextGuard:
     def __init__(self, tokenizer: Tokenizer, max_new_tokens: int, block_size: int) -> None:
         self._tokenizer, self._max_new_tokens, self._block_size = tokenizer, max_new_tokens, block_size
 
-    def encode(self, *args, **kwargs) -> torch.Tensor:
-        encoded = self._tokenizer.encode(*args, **kwargs)
+    def encode(self, string: str, *args, **kwargs) -> torch.Tensor:
+        if any("\udc80" <= c <= "\udcff" for c in string):  # bytes stdin could not decode (``surrogateescape``)
+            raise PromptSkippedError("the prompt is not valid UTF-8 text: skipped")
+        encoded = self._tokenizer.encode(string, *args, **kwargs)
         check_fits(encoded.size(0), self._max_new_tokens, self._block_size)
         return encoded
 
@@ -55,7 +61,8 @@ def main(
     Reads prompts from stdin until ``!quit``, ``!exit``, an empty prompt (unless ``multiline``) or end of input,
     and streams each reply to stdout, with its speed (tokens/sec) on stderr, as ``litgpt chat`` does. Each prompt
     is answered on its own (no conversation history), as in litgpt. A prompt that does not fit in the model's
-    context with ``max_new_tokens`` is skipped with a one-line error on stderr and the chat goes on.
+    context with ``max_new_tokens``, or that is not valid UTF-8, is skipped with a one-line error on stderr and the
+    chat goes on.
 
     Arguments:
         checkpoint_dir: A finetune ``out_dir``, its ``final/`` or ``step-*`` directory, or any litgpt
@@ -86,6 +93,10 @@ def main(
         exit_instruction = "To exit, press 'Enter' on an empty prompt."
     print(f"Now chatting with {inference.model.config.name}.\n{exit_instruction}\n")
     L.seed_everything(seed, verbose=False)
+    # an undecodable line becomes lone surrogates that ``_ContextGuard`` refuses, instead of a UnicodeDecodeError
+    # that would end the chat and lose the rest of the input
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
 
     while True:
         try:

@@ -9,7 +9,7 @@ the same everywhere.
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,18 +32,26 @@ TRAINING_STATE_FILE = "training_state.pth"  # what ``finetune --resume`` needs b
 # atomic): a run killed during a save leaves the previous file or the new one, never a truncated one.
 
 
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary name beside ``path``, then rename it into place. The name is this process's own, so two
+    writers never write into one file; a failed write (a full disk, an interrupt) removes it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary name, then rename: a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_text_atomic(text: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def copy_config_files_atomic(source_dir: Path, out_dir: Path) -> None:

@@ -255,6 +255,7 @@ def evaluate(
     quantize: InferenceQuantize | None = None,
     device: str | None = None,
     seed: int = 1234,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a finetuned model, merged or not, on lm-eval tasks, without converting it to Hugging Face format.
 
@@ -278,6 +279,7 @@ def evaluate(
         quantize: Quantize the weights with bitsandbytes (litgpt's choices; needs CUDA).
         device: The device, as lm-eval names it ("cpu", "cuda", "cuda:1"). Defaults to the best available.
         seed: The random seed for Python, NumPy, torch and the few-shot sampler.
+        overwrite: Replace a ``results.json`` already in ``out_dir`` (else that is an error, before anything runs).
     """
     require_extra("lm_eval", "eval", "evaluate")
     check_numbers(locals())
@@ -286,6 +288,9 @@ def evaluate(
     resolved = resolve(checkpoint_dir, base_checkpoint_dir)
     out_dir = Path(out_dir) if out_dir is not None else resolved.files_dir / "eval"
     check_output_dir(out_dir)  # before the tasks run, which can take hours
+    if (out_dir / "results.json").exists() and not overwrite:
+        results_file = str(out_dir / "results.json")
+        raise ConfigError(f"{results_file!r} exists: choose another --out_dir, or pass --overwrite true to replace it")
     t0 = time.perf_counter()
     model = fabric.setup_module(load_model(resolved))
     fabric.print(f"Time to load the model: {time.perf_counter() - t0:.02f} seconds.", file=sys.stderr)

@@ -254,9 +254,14 @@ def setup(
             main, devices, seed, config, data, checkpoint_dir, out_dir, train, eval, optimizer, num_nodes,
             test_rows, resume_dir, activation_checkpointing and world_size == 1, compile, pad_multiple,
         )  # fmt: skip
-    except BaseException:
+    except BaseException as err:
         if set_aside:
             restore_previous_run(out_dir)  # the new run saved nothing: the old one is back as it was
+        if isinstance(err, KeyboardInterrupt):  # Ctrl-C: where the run stands, in one line instead of a traceback
+            steps = step_checkpoints(out_dir)
+            where = (f"its latest checkpoint is {str(steps[-1])!r}: continue it with the same command and --resume"
+                     " auto" if steps else "no checkpoint was saved yet: start it again")  # fmt: skip
+            raise Interrupted(f"finetune interrupted; {where}") from None
         raise
 
 
@@ -790,6 +795,10 @@ def load_training_state(resume_dir: Path, run: dict) -> dict:
         diff = ", ".join(f"{k}: {saved_run.get(k)!r} -> {run.get(k)!r}" for k in changed[:3])
         raise ConfigError(f"cannot resume {str(resume_dir)!r}: this run's settings differ ({diff})")
     return state
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C (SIGINT) stopped a finetune: the CLI says where it stands and exits with 130, as a shell does."""
 
 
 class NonFiniteLossError(RuntimeError):

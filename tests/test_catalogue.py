@@ -68,6 +68,8 @@ def world(checkpoint_dir, dataset_path, tmp_path_factory) -> Path:
     (bad / "a-file").write_text("not a directory")
     (bad / "data-dir").mkdir()
     (bad / "unknown-key.yaml").write_text("no_such_key: 3\n")
+    (bad / "evaluated").mkdir()
+    (bad / "evaluated" / "results.json").write_text("{}")  # an earlier evaluation's
     return w
 
 
@@ -245,6 +247,10 @@ CASES = {
         ["evaluate", "{w}/merged", "--tasks", "x", "--include_path", "{w}/nowhere"],
         "--include_path '{w}/nowhere' is not a directory",
     ),  # fmt: skip
+    "eval-results-exist": (
+        ["evaluate", "{w}/merged", "--tasks", "arc_easy", "--out_dir", "{w}/bad/evaluated"],
+        "results.json' exists: choose another --out_dir, or pass --overwrite true",
+    ),
     "eval-out-is-file": (["evaluate", "{w}/merged", "--tasks", "arc_easy", "--out_dir", "{w}/bad/a-file"], "is a file"),
     "eval-device": (["evaluate", "{w}/merged", "--tasks", "arc_easy", "--device", "tpu:9"], "is not a device"),
     "eval-merged-truncated": (["evaluate", "{w}/bad/merged-truncated", "--tasks", "arc_easy"], "not a readable"),

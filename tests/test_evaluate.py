@@ -165,10 +165,11 @@ def test_scores_and_generations_equal_lm_evals_own_hf_model_on_the_exported_chec
     assert lm.generate_until(requests) == hf.generate_until(requests)
 
 
-def cli_evaluate(checkpoint: Path, out_dir: Path):
+def cli_evaluate(checkpoint: Path, out_dir: Path, *extra: str):
     return run_main(
         "evaluate", str(checkpoint), "--tasks", ",".join(TASK_NAMES), "--include_path", str(TASKS_DIR),
         "--limit", "4", "--num_fewshot", "1", "--batch_size", "3", "--precision", "32-true", "--out_dir", str(out_dir),
+        *extra,
     )  # fmt: skip
 
 
@@ -225,3 +226,19 @@ def test_unknown_task_is_a_one_line_error_and_nothing_is_written(checkpoint_dir,
     assert last.startswith("litgpt_ether: error:") and "no_such_task" in last and "colours_reverse_mc" not in last
     assert "Traceback" not in result.stderr
     assert not out_dir.exists()
+
+
+def test_existing_results_are_kept_unless_overwrite(finetune_out, tmp_path):
+    """A second evaluation into the same ``out_dir`` is refused before it runs, the first results intact;
+    ``--overwrite true`` replaces them, leaving no temporary file behind."""
+    out_dir = tmp_path / "eval"
+    out_dir.mkdir()
+    (out_dir / "results.json").write_text('{"earlier": true}')
+    result = cli_evaluate(finetune_out / "final", out_dir)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("or pass --overwrite true to replace it")
+    assert (out_dir / "results.json").read_text() == '{"earlier": true}'
+    result = cli_evaluate(finetune_out / "final", out_dir, "--overwrite", "true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(json.loads((out_dir / "results.json").read_text())["results"]) == set(TASK_NAMES)
+    assert [p.name for p in out_dir.iterdir()] == ["results.json"]

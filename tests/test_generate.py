@@ -2,6 +2,8 @@
 
 import io
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,15 @@ def test_bad_sampling_options_are_refused_before_loading(tmp_path, capsys, optio
     # a missing checkpoint dir would exit: the options are checked first
     with pytest.raises(ConfigError, match=next(iter(option))):
         generated(capsys, tmp_path / "nowhere", **option)
+
+
+def test_cli_chat_skips_a_line_that_is_not_utf8_and_answers_the_rest(finetune_out):
+    stdin = f"{PROMPT}\n".encode() + b"reverse \xff\xfe red\n" + b"reverse pink gold\n!quit\n"
+    cmd = [sys.executable, "-m", "litgpt_ether", "chat", str(finetune_out / "step-000020"), "--precision", "32-true"]
+    result = subprocess.run(cmd, capture_output=True, input=stdin, timeout=600)
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, err[-3000:]
+    assert out.count(">> Reply: ") == 2 and err.count("tokens/sec") == 2
+    errors = [line for line in err.splitlines() if line.startswith("litgpt_ether: error:")]
+    assert errors == ["litgpt_ether: error: the prompt is not valid UTF-8 text: skipped"]
+    assert "Traceback" not in err

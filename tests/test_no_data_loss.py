@@ -147,3 +147,28 @@ def test_the_checkpoint_typed_on_the_command_line_wins_over_the_configs(checkpoi
                       "--out_dir", out2, "--data.json_path", str(dataset_path), "--eval.interval", "100")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert yaml.safe_load((tmp_path / "out2" / "final" / "hyperparameters.yaml").read_text())["train"]["max_steps"] == 3
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    """A write that fails midway (a full disk, an interrupt) keeps the previous file and removes its temporary name,
+    which is this process's own (two writers of one file never share one)."""
+    from litgpt_ether import checkpoint
+
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    names = []
+
+    def failing_write(self, *args, **kwargs):
+        names.append(self.name)
+        Path.write_bytes(self, b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.write_text_atomic("new", path)
+    monkeypatch.undo()
+    assert names == [f".results.json.{os.getpid()}.tmp"]
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    with pytest.raises(AttributeError):  # torch.save failing on an object it cannot pickle: the same
+        checkpoint.atomic_save({"f": lambda: None}, tmp_path / "state.pth")
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]

@@ -63,6 +63,30 @@ def test_sigkilled_run_resumes_to_the_adapter_of_an_uninterrupted_run(
     assert_same_adapter(final_adapter(out_dir), final_adapter(uninterrupted))
 
 
+def test_ctrl_c_stops_a_run_in_one_line_and_it_resumes_to_the_adapter_of_an_uninterrupted_run(
+    checkpoint_dir, dataset_path, tmp_path, uninterrupted
+):
+    out_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "litgpt_ether", *finetune_args(checkpoint_dir, dataset_path, out_dir, *RUN)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (out_dir / "step-000005").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends
+    stderr = proc.communicate(timeout=300)[1].decode()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("litgpt_ether: finetune interrupted; its latest checkpoint is ")
+    assert last.endswith("continue it with the same command and --resume auto")
+    assert not (out_dir / "final").exists() and not list(out_dir.glob(".*partial"))
+
+    result = run_cli(*finetune_args(checkpoint_dir, dataset_path, out_dir, *RUN, "--resume", "auto"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_adapter(final_adapter(out_dir), final_adapter(uninterrupted))
+
+
 def test_resume_from_a_named_step_checkpoint(checkpoint_dir, dataset_path, tmp_path, uninterrupted):
     out_dir = tmp_path / "out"
     step = uninterrupted / "step-000007"
