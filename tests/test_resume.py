@@ -41,17 +41,23 @@ def uninterrupted(checkpoint_dir, dataset_path, tmp_path_factory) -> Path:
     return out_dir
 
 
+def started_until_step_5(checkpoint_dir: Path, dataset_path: Path, out_dir: Path) -> subprocess.Popen:
+    """The run in a process of its own, once its fifth step checkpoint is on disk."""
+    cmd = [sys.executable, "-m", "litgpt_ether", *finetune_args(checkpoint_dir, dataset_path, out_dir, *RUN)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (out_dir / "step-000005").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return proc
+
+
 def test_sigkilled_run_resumes_to_the_adapter_of_an_uninterrupted_run(
     checkpoint_dir, dataset_path, tmp_path, uninterrupted
 ):
     out_dir = tmp_path / "out"
-    cmd = [sys.executable, "-m", "litgpt_ether", *finetune_args(checkpoint_dir, dataset_path, out_dir, *RUN)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not (out_dir / "step-000005").is_dir():  # then kill it wherever it is: mid-step or mid-save
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    proc = started_until_step_5(checkpoint_dir, dataset_path, out_dir)  # then killed wherever: mid-step or mid-save
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out_dir / "final").exists()
@@ -67,13 +73,7 @@ def test_ctrl_c_stops_a_run_in_one_line_and_it_resumes_to_the_adapter_of_an_unin
     checkpoint_dir, dataset_path, tmp_path, uninterrupted
 ):
     out_dir = tmp_path / "out"
-    cmd = [sys.executable, "-m", "litgpt_ether", *finetune_args(checkpoint_dir, dataset_path, out_dir, *RUN)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not (out_dir / "step-000005").is_dir():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    proc = started_until_step_5(checkpoint_dir, dataset_path, out_dir)
     os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends
     stderr = proc.communicate(timeout=300)[1].decode()
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
