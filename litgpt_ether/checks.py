@@ -10,12 +10,14 @@ import inspect
 import math
 import os
 import tempfile
+import typing
 from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from litgpt.data import JSON, DataModule, SFTDataset
 from litgpt.data.json_data import load_split
 from litgpt.finetune.lora import get_longest_seq_length, validate_args
@@ -75,6 +77,8 @@ NUMBER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.max_time": positive(),
     "train.max_seq_length": at_least(1),
     "pad_multiple": at_least(1),
+    # litgpt's JSON data module splits one file into train and val by this fraction: both must hold samples
+    "data.val_split_fraction": (lambda v: _number(v, False) and 0 < v < 1, "in (0, 1)"),
     "train.min_lr": at_least(0, integer=False),
     "eval.interval": at_least(1),
     "eval.max_new_tokens": at_least(1),
@@ -168,6 +172,20 @@ def require_extra(module: str, extra: str, what: str) -> None:
         )
 
 
+def check_precision(precision: str | None) -> None:
+    """A ``--precision`` Lightning accepts, refused in one line before anything starts (Lightning refuses it only when
+    the Fabric is made, with a traceback)."""
+    allowed = [str(p) for p in _flat_args(_PRECISION_INPUT)]
+    if precision is not None and str(precision) not in allowed:
+        raise ConfigError(f"--precision must be one of {', '.join(dict.fromkeys(allowed))}, got {precision!r}")
+
+
+def _flat_args(annotation: Any) -> list[Any]:
+    """The values of a ``Literal``, or of a ``Union`` of them."""
+    args = typing.get_args(annotation)
+    return [v for a in args for v in (_flat_args(a) if typing.get_args(a) else [a])]
+
+
 def quantization(
     quantize: str | None, precision: str | None, training: bool, accelerator: str = "auto", world_size: int = 1
 ) -> tuple[str | None, Any]:
@@ -177,6 +195,7 @@ def quantization(
     Refuses, in one line, what the plugin cannot do: no CUDA device (it quantizes on CUDA only), several devices
     (FSDP does not shard quantized weights), mixed precision, and int8 with another dtype than float16.
     """
+    check_precision(precision)
     if quantize is None:
         return precision or get_default_supported_precision(training), None
     require_extra("bitsandbytes", "quant", f"--quantize {quantize}")

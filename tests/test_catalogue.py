@@ -87,6 +87,8 @@ CASES = {
     "ft-nb-zero": (F("--ether_nb", "0"), "ether_nb must be an integer >= 1, got 0"),
     "ft-nb-not-dividing": (F("--ether_nb", "3"), "ether_nb=3 does not divide"),
     "ft-dropout": (F("--ether_dropout", "1.5"), "ether_dropout must be in [0, 1), got 1.5"),
+    "ft-precision": (F("--precision", "foo"), "--precision must be one of 64, 32, 16, transformer-engine"),
+    "ft-val-split": (F("--data.val_split_fraction", "1.5"), "data.val_split_fraction must be in (0, 1), got 1.5"),
     "ft-flip-two-sided": (F("--ether_flip_side", "true"), "ether_flip_side only applies to one-sided methods"),
     "ft-no-target": (
         F(
@@ -213,6 +215,7 @@ CASES = {
     # generate
     "gen-max-new-tokens": (["generate", "{w}/merged", "--max_new_tokens", "0"], "max_new_tokens must be an integer"),
     "gen-top-k": (["generate", "{w}/merged", "--top_k", "0"], "top_k must be an integer >= 1, got 0"),
+    "gen-precision": (["generate", "{w}/merged", "--precision", "half"], "--precision must be one of"),
     "gen-top-p": (["generate", "{w}/merged", "--top_p", "1.5"], "top_p must be in [0, 1], got 1.5"),
     "gen-temperature": (["generate", "{w}/merged", "--temperature", "-1"], "temperature must be a finite number >= 0"),
     "gen-num-samples": (["generate", "{w}/merged", "--num_samples", "0"], "num_samples must be an integer >= 1"),
@@ -247,6 +250,7 @@ CASES = {
         ["evaluate", "{w}/merged", "--tasks", "x", "--include_path", "{w}/nowhere"],
         "--include_path '{w}/nowhere' is not a directory",
     ),  # fmt: skip
+    "eval-precision": (["evaluate", "{w}/merged", "--tasks", "arc_easy", "--precision", "fp8"], "got 'fp8'"),
     "eval-results-exist": (
         ["evaluate", "{w}/merged", "--tasks", "arc_easy", "--out_dir", "{w}/bad/evaluated"],
         "results.json' exists: choose another --out_dir, or pass --overwrite true",
