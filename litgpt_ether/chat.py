@@ -13,12 +13,12 @@ import torch
 from litgpt.chat.base import interact
 from litgpt.tokenizer import Tokenizer
 
-from litgpt_ether.checks import InferenceQuantize, check_numbers
+from litgpt_ether.checks import ConfigError, InferenceQuantize, check_numbers
 from litgpt_ether.generate import PromptTooLongError, check_fits, load_for_inference
 
 
-class PromptSkippedError(PromptTooLongError):
-    """A prompt that cannot be answered; the chat goes on with the next."""
+class NotTextError(ConfigError):
+    """A prompt line that is not valid UTF-8; the chat goes on with the next."""
 
 
 class _ContextGuard:
@@ -33,7 +33,7 @@ class _ContextGuard:
 
     def encode(self, string: str, *args, **kwargs) -> torch.Tensor:
         if any("\udc80" <= c <= "\udcff" for c in string):  # bytes stdin could not decode (``surrogateescape``)
-            raise PromptSkippedError("the prompt is not valid UTF-8 text: skipped")
+            raise NotTextError("the prompt is not valid UTF-8 text: skipped")
         encoded = self._tokenizer.encode(string, *args, **kwargs)
         check_fits(encoded.size(0), self._max_new_tokens, self._block_size)
         return encoded
@@ -113,7 +113,7 @@ def main(
                 stop_tokens=inference.stop_tokens(),
             )
             break  # !quit, !exit, an empty prompt or Ctrl-C
-        except PromptTooLongError as err:
+        except (PromptTooLongError, NotTextError) as err:
             print(f"litgpt_ether: error: {err}", file=sys.stderr)  # skip this prompt, read the next one
         except EOFError:  # end of input: litgpt's loop would end with a traceback
             print()

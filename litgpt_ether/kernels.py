@@ -434,6 +434,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _keep_columns(sizes: Sequence[int], reflected: int) -> list[int]:
+    """Where each of the first ``reflected`` segments sits in the buffer that keeps their inputs side by side."""
+    return [sum(sizes[:i]) for i in range(reflected)]
+
+
 def _forward(
     x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor | None, bias: torch.Tensor | None,
     us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], cols: Sequence[int], sizes: Sequence[int], n: int,
@@ -441,7 +446,7 @@ def _forward(
     """Launch ``_reflect_fwd``: segments ``cols``/``sizes``, the first ``len(us)`` reflected, the rest passed through
     (bias only). ``keep``, if given, gets the reflected columns' input, side by side."""
     x2, y2 = _rows(x), _rows(y)
-    zcols = [sum(sizes[:i]) for i in range(len(us))] + [0] * (len(cols) - len(us))
+    zcols = _keep_columns(sizes, len(us)) + [0] * (len(cols) - len(us))
     seg_args, programs_c, block_k = _layout(cols, sizes, zcols, len(us), n)
     block_t, tiles = _tiles(x2.shape[0], block_k)
     if tiles == 0 or programs_c == 0:
@@ -762,6 +767,18 @@ def _segments(width: int, slices: Sequence[tuple[int, int]]) -> tuple[list[int],
     return cols, sizes
 
 
+def _reflect_segments_(
+    z: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor | None, slices: Sequence[tuple[int, int]],
+    us: list[torch.Tensor], vs: list[torch.Tensor], n: int,
+) -> tuple[list[int], list[int]]:  # fmt: skip
+    """``reflect_`` over ``slices`` of ``z``; returns every segment's columns and widths (the backward's layout). The
+    passed-through segments get programs only for the bias."""
+    cols, sizes = _segments(z.shape[-1], slices)
+    n_segs = len(cols) if bias is not None else len(slices)
+    reflect_(z, bias, keep, us, vs, cols[:n_segs], sizes[:n_segs], n)
+    return cols, sizes
+
+
 class _ReflectOutputs(torch.autograd.Function):
     """The kernel form of ``ether._ReflectOutputs``: column slices of a matmul's output reflected in place, then the
     bias added; ETHER saves nothing but the output (its input is recomputed), ETHER+ the reflected slices' input."""
@@ -769,12 +786,9 @@ class _ReflectOutputs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, bias, slices, n, j, *tensors):  # noqa: ANN001, ANN205
         us, vs = list(tensors[:j]), list(tensors[j:])
-        cols, sizes = _segments(z.shape[-1], slices)
         reflected = sum(b - a for a, b in slices)
-        # the passed-through segments need programs only for the bias
-        n_segs = len(cols) if bias is not None else len(slices)
         keep = z.new_empty(z.numel() // z.shape[-1], reflected) if vs else None
-        reflect_(z, bias, keep, us, vs, cols[:n_segs], sizes[:n_segs], n)
+        cols, sizes = _reflect_segments_(z, bias, keep, slices, us, vs, n)
         ctx.mark_dirty(z)
         ctx.save_for_backward(keep if vs else z, bias, *us, *vs)
         ctx.cols, ctx.sizes, ctx.n, ctx.j = cols, sizes, n, j
@@ -785,7 +799,7 @@ class _ReflectOutputs(torch.autograd.Function):
         saved, bias, *vectors = ctx.saved_tensors
         us, vs = vectors[: ctx.j], vectors[ctx.j :]
         plus = bool(vs)
-        zcols = [sum(ctx.sizes[:i]) for i in range(len(us))] if plus else ctx.cols[: len(us)]
+        zcols = _keep_columns(ctx.sizes, len(us)) if plus else ctx.cols[: len(us)]
         dz, *grads = reflect_backward(g, saved, bias, us, vs, ctx.cols, ctx.sizes, zcols, ctx.n, not plus)
         return dz, None, None, None, None, *grads
 
@@ -806,9 +820,7 @@ def reflect_outputs_(
     vs = [v for _, v in vectors if v is not None]
     n = us[0].shape[0]
     if not torch.is_grad_enabled() or not (z.requires_grad or any(t.requires_grad for t in (*us, *vs))):
-        cols, sizes = _segments(z.shape[-1], slices)
-        n_segs = len(cols) if bias is not None else len(slices)
-        reflect_(z, bias, None, us, vs, cols[:n_segs], sizes[:n_segs], n)
+        _reflect_segments_(z, bias, None, slices, us, vs, n)
         return z
     return _ReflectOutputs.apply(z, bias, tuple(slices), n, len(us), *us, *vs)
 

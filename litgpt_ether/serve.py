@@ -125,6 +125,14 @@ class AdapterTable(nn.Module):
             z.copy_(reflect(z, self.units(z.dtype), self.coefs))
 
 
+def _spanning(tables: nn.ModuleDict) -> AdapterTable:
+    """One table for a fused QKV's ``[q | k | v]`` from its segments' tables, zeros (``H = I``) where one is absent."""
+    first = next(iter(tables.values()))
+    zeros = torch.zeros_like(first.table)
+    return AdapterTable(torch.cat([tables[s].table if s in tables else zeros for s in "qkv"], dim=1), first.coefs,
+                        first.rows)  # fmt: skip
+
+
 class ServedQKV(ETHERQKVLinear):
     """The fused QKV with per-row input reflections: each targeted segment multiplies its own reflected input.
 
@@ -142,32 +150,23 @@ class ServedQKV(ETHERQKVLinear):
     def fuse_outputs(self) -> None:
         """Replace the output segments' tables by one for ``[q | k | v]``, ``out_rows``; an untargeted segment's
         vectors are zero (``H = I``). Not for unequal segments, nor with a quantized weight and input reflections
-        (the low-rank path reflects outputs by segment): ``out_rows`` is None there."""
-        self.out_rows: AdapterTable | None = None  # an instance attribute: a class one would hide the submodule
+        (the low-rank path reflects outputs by segment): ``out_rows`` is None there. The input sides get one such
+        table too, ``in_rows``, for the fused kernels; their per-segment tables stay for the torch path."""
+        # instance attributes: class ones would hide the submodules
+        self.out_rows: AdapterTable | None = None
+        self.in_rows: AdapterTable | None = None
         quantized_inputs = self.ether_in is not None and not self.weight.dtype.is_floating_point
         if len(set(self.sizes)) > 1 or quantized_inputs:
             return
-        tables = {segment: t.table for segment, t in self.ether_out.items()}
-        zeros = torch.zeros_like(next(iter(tables.values())))
-        first = next(iter(self.ether_out.values()))
-        self.out_rows = AdapterTable(torch.cat([tables.get(s, zeros) for s in "qkv"], dim=1), first.coefs, first.rows)
+        self.out_rows = _spanning(self.ether_out)
         self.ether_out = None  # its tables live on in ``out_rows``: not twice in memory
-        self.in_rows: AdapterTable | None = None
-        if self.ether_in is not None:  # the input sides likewise; each segment's table becomes a view of it
-            tables = {segment: t.table for segment, t in self.ether_in.items()}
-            zeros = torch.zeros_like(next(iter(tables.values())))
-            self.in_rows = AdapterTable(
-                torch.cat([tables.get(s, zeros) for s in "qkv"], dim=1), first.coefs, first.rows
-            )
-            n = zeros.shape[1]
-            for i, segment in enumerate("qkv"):
-                if segment in self.ether_in:
-                    self.ether_in[segment].table = self.in_rows.table[:, i * n : (i + 1) * n]
+        if self.ether_in is not None:
+            self.in_rows = _spanning(self.ether_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ether_in is not None and not self.weight.dtype.is_floating_point:
             return super().forward(x)  # the low-rank path
-        if getattr(self, "in_rows", None) is not None and (kernels := fused_kernels(x)) is not None:
+        if self.in_rows is not None and (kernels := fused_kernels(x)) is not None:
             # both sides and equal segments: three launches, the inputs reflected into a stack, one batched matmul,
             # the outputs reflected back side by side with the bias
             index, coefs = self.out_rows.rows.index, list(self.out_rows.coefs)

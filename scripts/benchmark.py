@@ -216,6 +216,11 @@ def parse_ether_variant(variant: str) -> tuple[bool, str, int]:
     return match.group(1) is not None, match.group(2), int(match.group(3))
 
 
+def is_package_variant(variant: str) -> bool:
+    """ETHER, ETHER+, OFT or Naive in this package's layers (not the reference code's weight-side form)."""
+    return _ETHER_VARIANT.fullmatch(variant) is not None and not variant.startswith("reference-")
+
+
 def reference_skip_reason(config: BaseConfig, method: str, n: int) -> str | None:
     sizes = {"q output": config.n_head * config.head_size, "v output": config.n_query_groups * config.head_size}
     if method == "etherplus":
@@ -387,7 +392,7 @@ def check_targets(model: str, micro_batch_size: int, seq_len: int, results: list
     if "lora-r8" in by_name:
         lora = by_name["lora-r8"]
         for variant, t in by_name.items():
-            if not _ETHER_VARIANT.fullmatch(variant) or variant.startswith("reference-"):
+            if not is_package_variant(variant):
                 continue
             _, method, n = parse_ether_variant(variant)
             target = 1.01 if method in ("ether", "etherplus") else 1.05 if n == 32 else None
@@ -562,8 +567,7 @@ def time_cmd(
     for _ in range(repeats):
         results = []
         for variant in select(variants):
-            ether_variant = _ETHER_VARIANT.fullmatch(variant) is not None and not variant.startswith("reference-")
-            for path in kernels if kernels and ether_variant else [None]:
+            for path in kernels if kernels and is_package_variant(variant) else [None]:
                 free_memory(dev)  # the previous variant's model and optimizer are gone with time_variant's frame
                 note(f"timing {variant}{f' ({path})' if path else ''} ...")
                 try:
@@ -841,15 +845,14 @@ def ops(
     )
     results = []
     for variant in select(variants or OPS_VARIANTS):
-        ether_variant = _ETHER_VARIANT.fullmatch(variant) is not None and not variant.startswith("reference-")
-        for path in kernels if ether_variant else ["-"]:
+        for path in kernels if is_package_variant(variant) else [None]:  # the frozen model and LoRA: no path
             if path == "triton" and not _has_triton():
                 note(f"skipping {variant} (triton): Triton is not installed")
                 continue
-            with kernel_path(path if path != "-" else "torch"):
+            with kernel_path(path):
                 counted = count_step(variant, config, micro_batch_size, seq_len)
             if counted is not None:
-                results.append({**counted, "kernels": path})
+                results.append({**counted, "kernels": path or "-"})
     by_name = {r["variant"]: r for r in results if r["kernels"] == "-"}
     for r in results:
         for key in ("operators", "launches"):
