@@ -84,7 +84,7 @@ def main(
     """
     print(pformat(locals()), file=sys.stderr)
     check_numbers(locals())
-    inference = load_for_inference(checkpoint_dir, base_checkpoint_dir, precision, quantize)
+    inference = load_for_inference(checkpoint_dir, base_checkpoint_dir, precision, quantize, temperature)
     guarded = _ContextGuard(inference.tokenizer, max_new_tokens, inference.block_size)
 
     if multiline:

@@ -19,6 +19,8 @@ import litgpt.config
 import litgpt.model
 import torch
 import yaml
+from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style
+from litgpt.tokenizer import Tokenizer
 from litgpt.utils import check_valid_checkpoint_dir, copy_config_files
 
 from litgpt_ether.ether import GPT, Config, ConfigError, ether_filter, load_base_checkpoint, merge_ether
@@ -92,6 +94,8 @@ def save_adapter(path: Path, state_dict: dict[str, torch.Tensor], config: Config
 
 
 def load_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter's tensors and ETHER options, checked: a mapping of finite tensors under ETHER names, and options
+    ``Config`` knows. A diverged or hand-edited adapter is refused here, by every verb alike."""
     try:
         adapter = torch.load(path, map_location="cpu", weights_only=True)
         state, ether_args = adapter["model"], adapter["ether"]
@@ -99,10 +103,82 @@ def load_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise ConfigError(f"adapter file {str(path)!r} does not exist") from None
     except Exception as err:
         raise ConfigError(f"{str(path)!r} is not a readable ETHER adapter ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or not isinstance(ether_args, dict):
+        raise ConfigError(f"{str(path)!r} is not an ETHER adapter (its 'model' and 'ether' entries must be mappings)")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ConfigError(f"{str(path)!r} is not an ETHER adapter: {not_tensors[0]!r} is not a tensor")
     unknown = set(ether_args) - set(Config.ether_field_names())
     if unknown or not all(ether_filter(k, v) for k, v in state.items()):
         raise ConfigError(f"{str(path)!r} is not an ETHER adapter (unknown options {sorted(unknown)})")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ConfigError(
+            f"{str(path)!r} holds non-finite values (NaN or inf) in {bad[0]!r}: the run that saved it diverged;"
+            " use an earlier checkpoint"
+        )
     return state, ether_args
+
+
+# --------------------------------------------------------------------------------------------------
+# The files around the weights: each read through one function that names the file and what is wrong with it.
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (a config, hyperparameters, a prompt style)."""
+    try:
+        value = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        detail = " ".join(str(err).split())[:200]
+        raise ConfigError(f"{str(path)!r} is not readable YAML ({type(err).__name__}: {detail})") from None
+    if not isinstance(value, dict):
+        what = "is empty" if value is None else f"holds a {type(value).__name__}"
+        raise ConfigError(f"{str(path)!r} {what}: expected a YAML mapping of names to values")
+    return value
+
+
+def read_model_config(path: Path, ether_args: dict[str, Any] | None = None) -> litgpt.config.Config:
+    """``model_config.yaml`` as litgpt's ``Config``, or with ``ether_args`` as this package's ETHER ``Config``
+    (litgpt's ``from_file``, its errors as one line)."""
+    values = read_yaml_mapping(path)
+    try:
+        if ether_args is None:
+            return litgpt.config.Config(**values)
+        return Config(**{**values, **ether_args})
+    except ConfigError:
+        raise
+    except Exception as err:
+        detail = " ".join(str(err).split())[:200]
+        raise ConfigError(f"{str(path)!r} is not a litgpt model config ({type(err).__name__}: {detail})") from None
+
+
+def read_prompt_style(directory: Path, config: litgpt.config.Config) -> PromptStyle:
+    """The prompt style saved with a checkpoint (``prompt_style.yaml``), else the one litgpt infers from its config."""
+    if not has_prompt_style(directory):
+        return PromptStyle.from_config(config)
+    path = Path(directory) / "prompt_style.yaml"
+    if not isinstance(read_yaml_mapping(path).get("class_path"), str):
+        raise ConfigError(f"{str(path)!r} names no class_path (such as litgpt.prompts.Alpaca)")
+    try:
+        style = load_prompt_style(Path(directory))
+    except Exception as err:
+        raise ConfigError(f"{str(path)!r} names no usable prompt style ({type(err).__name__}: {err})") from None
+    if not isinstance(style, PromptStyle):
+        raise ConfigError(f"{str(path)!r} names {type(style).__name__}, which is not a litgpt PromptStyle")
+    return style
+
+
+def load_tokenizer(directory: Path) -> Tokenizer:
+    """litgpt's ``Tokenizer`` for a checkpoint directory, a corrupt or missing tokenizer file as one line."""
+    try:
+        return Tokenizer(Path(directory))
+    except Exception as err:
+        detail = " ".join(str(err).split())[:200]
+        raise ConfigError(
+            f"the tokenizer in {str(directory)!r} is not readable ({type(err).__name__}: {detail})"
+        ) from None
 
 
 @dataclass
@@ -131,17 +207,24 @@ def resolve(path: Path, base_checkpoint_dir: Path | None = None, prefer_adapter:
     if not adapter.is_file() or (not prefer_adapter and (files_dir / MODEL_FILE).is_file()):
         check_checkpoint_dir(files_dir)
         return Resolved(files_dir, files_dir, None)
+    load_adapter(adapter)  # refused now, before the verb does anything else, if it is unusable
+    if (files_dir / "prompt_style.yaml").is_file():
+        read_yaml_mapping(files_dir / "prompt_style.yaml")
     base = Path(base_checkpoint_dir) if base_checkpoint_dir is not None else base_checkpoint_of(files_dir)
     check_checkpoint_dir(base)
     return Resolved(files_dir, base, adapter)
 
 
 def check_checkpoint_dir(path: Path) -> None:
-    """litgpt's check that ``path`` holds weights, model config and tokenizer, as a one-line ``ConfigError``."""
+    """litgpt's check that ``path`` holds weights, model config and tokenizer, as a one-line ``ConfigError``; then
+    that the config, the tokenizer and the prompt style (if saved) are readable, so no verb meets them broken later.
+    """
     try:
         check_valid_checkpoint_dir(Path(path), verbose=False, raise_error=True)
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
+    read_prompt_style(path, read_model_config(Path(path) / "model_config.yaml"))
+    load_tokenizer(path)
 
 
 def base_checkpoint_of(adapter_dir: Path) -> Path:
@@ -150,7 +233,10 @@ def base_checkpoint_of(adapter_dir: Path) -> Path:
         raise ConfigError(
             f"{str(adapter_dir)!r} has no hyperparameters.yaml naming its base model: pass --base_checkpoint_dir"
         )
-    base = Path(yaml.safe_load(hparams.read_text())["checkpoint_dir"])
+    base = read_yaml_mapping(hparams).get("checkpoint_dir")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{str(hparams)!r} names no checkpoint_dir (the base model): pass --base_checkpoint_dir")
+    base = Path(base)
     if not base.is_dir():
         raise ConfigError(
             f"the base model {str(base)!r} named in {str(hparams)!r} is not a directory here:"
@@ -162,9 +248,9 @@ def base_checkpoint_of(adapter_dir: Path) -> Path:
 def build_config(resolved: Resolved) -> tuple[litgpt.config.Config, dict[str, torch.Tensor] | None]:
     """The model config (an ETHER ``Config`` when an adapter applies) and the adapter tensors."""
     if resolved.adapter is None:
-        return litgpt.config.Config.from_file(resolved.files_dir / "model_config.yaml"), None
+        return read_model_config(resolved.files_dir / "model_config.yaml"), None
     state, ether_args = load_adapter(resolved.adapter)
-    return Config.from_file(resolved.base_dir / "model_config.yaml", **ether_args), state
+    return read_model_config(resolved.base_dir / "model_config.yaml", ether_args), state
 
 
 def instantiate(config: litgpt.config.Config) -> litgpt.model.GPT:

@@ -219,6 +219,28 @@ def quantization(
     return None, BitsandbytesPrecision(quantize.removeprefix("bnb."), dtypes[precision])
 
 
+def compute_dtype(precision: str | None, plugins: Any = None) -> torch.dtype:
+    """The dtype logits are computed in under ``quantization``'s ``(precision, plugins)``: what sampling must fit."""
+    if plugins is not None:
+        return plugins.dtype
+    kind = str(precision).split("-")[0]
+    return {"16": torch.float16, "bf16": torch.bfloat16, "64": torch.float64}.get(kind, torch.float32)
+
+
+def check_temperature(temperature: float, dtype: torch.dtype) -> None:
+    """A sampling temperature the logits' dtype can divide by: it and its reciprocal finite there (0 is greedy).
+
+    Sampling divides the logits by the temperature, as a number of their dtype: 1e39 is infinite in float32 (and
+    100000 in float16), and 1e-39 has an infinite reciprocal, so every probability would be NaN.
+    """
+    largest = torch.finfo(dtype).max
+    if temperature > 0 and (temperature > largest or 1 / temperature > largest):
+        raise ConfigError(
+            f"temperature {temperature:g} overflows {str(dtype).removeprefix('torch.')} arithmetic: use one in"
+            f" [{1 / largest:.3g}, {largest:.3g}], or 0 for greedy decoding"
+        )
+
+
 def check_devices(accelerator: str, devices: int | str) -> int:
     """The number of devices per node, refused when the accelerator does not have that many.
 

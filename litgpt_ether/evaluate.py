@@ -22,7 +22,7 @@ from litgpt.tokenizer import Tokenizer
 from litgpt.utils import get_default_supported_precision
 from tqdm import tqdm
 
-from litgpt_ether.checkpoint import load_model, resolve, write_text_atomic
+from litgpt_ether.checkpoint import load_model, load_tokenizer, resolve, write_text_atomic
 from litgpt_ether.checks import (
     ConfigError,
     InferenceQuantize,
@@ -294,7 +294,7 @@ def evaluate(
     t0 = time.perf_counter()
     model = fabric.setup_module(load_model(resolved))
     fabric.print(f"Time to load the model: {time.perf_counter() - t0:.02f} seconds.", file=sys.stderr)
-    lm = LitGPTLM(model, Tokenizer(resolved.files_dir), batch_size=batch_size)
+    lm = LitGPTLM(model, load_tokenizer(resolved.files_dir), batch_size=batch_size)
 
     model_args = {
         "checkpoint_dir": str(resolved.files_dir),

@@ -67,7 +67,9 @@ from litgpt_ether.checkpoint import (
     check_adapter_fits,
     check_checkpoint_dir,
     load_adapter,
+    load_tokenizer,
     merge_adapter,
+    read_model_config,
     save_adapter,
     staged_dir,
 )
@@ -209,7 +211,7 @@ def setup(
     if activation_checkpointing is None:
         activation_checkpointing = world_size > 1
     check_checkpoint_dir(checkpoint_dir)
-    config = Config.from_file(checkpoint_dir / "model_config.yaml", **ether_args)
+    config = read_model_config(checkpoint_dir / "model_config.yaml", ether_args)
     with torch.device("meta"):  # a bad ETHER configuration, or base weights that are unreadable or do not fit it
         load_base_checkpoint(GPT(config), checkpoint_dir / "lit_model.pth", assign=True)  # memory-mapped: cheap
     check_optimizer(optimizer)
@@ -283,7 +285,7 @@ def main(
     compile: bool = False,
     pad_multiple: int | None = None,
 ) -> None:
-    tokenizer = Tokenizer(checkpoint_dir)
+    tokenizer = load_tokenizer(checkpoint_dir)
     try:
         train_dataloader, val_dataloader = get_dataloaders(fabric, data, tokenizer, train)
     except OSError as err:  # a data module that downloads (Alpaca, ...) without a network; requests' errors too
@@ -532,7 +534,7 @@ def fit(
     is the longest sample of either split (``check_samples_fit``)."""
     resumed = rng is not None
     progress = progress or Progress()
-    tokenizer = Tokenizer(checkpoint_dir)
+    tokenizer = load_tokenizer(checkpoint_dir)
     model.max_seq_length = min(longest_seq_length, train.max_seq_length or float("inf"))
     fabric.print(
         f"The longest sequence length in the train data is {longest_seq_length}, the model's maximum sequence length is"

@@ -17,11 +17,18 @@ import litgpt.config
 import litgpt.model
 import torch
 from litgpt.generate.base import generate_fn
-from litgpt.prompts import PromptStyle, has_prompt_style, load_prompt_style
+from litgpt.prompts import PromptStyle
 from litgpt.tokenizer import Tokenizer
 
-from litgpt_ether.checkpoint import load_model, resolve
-from litgpt_ether.checks import ConfigError, InferenceQuantize, check_numbers, quantization
+from litgpt_ether.checkpoint import load_model, load_tokenizer, read_prompt_style, resolve
+from litgpt_ether.checks import (
+    ConfigError,
+    InferenceQuantize,
+    check_numbers,
+    check_temperature,
+    compute_dtype,
+    quantization,
+)
 
 
 class PromptTooLongError(ConfigError):
@@ -58,23 +65,20 @@ def check_fits(prompt_length: int, max_new_tokens: int, block_size: int) -> None
         )
 
 
-def prompt_style_of(directory: Path, config: litgpt.config.Config) -> PromptStyle:
-    """The prompt style saved with a checkpoint (``prompt_style.yaml``), else the one litgpt infers from its config."""
-    return load_prompt_style(directory) if has_prompt_style(directory) else PromptStyle.from_config(config)
-
-
 def load_for_inference(
     checkpoint_dir: Path,
     base_checkpoint_dir: Path | None = None,
     precision: str | None = None,
     quantize: str | None = None,
+    temperature: float = 0.0,
 ) -> Inference:
     """Resolve ``checkpoint_dir``, load model, tokenizer and prompt style, and set the model up on one device."""
     precision, plugins = quantization(quantize, precision, training=False)
+    check_temperature(temperature, compute_dtype(precision, plugins))
     resolved = resolve(checkpoint_dir, base_checkpoint_dir)
     fabric = L.Fabric(devices=1, precision=precision, plugins=plugins)
 
-    tokenizer = Tokenizer(resolved.files_dir)
+    tokenizer = load_tokenizer(resolved.files_dir)
     t0 = time.perf_counter()
     if resolved.adapter is None:
         fabric.print(f"Loading model {str(resolved.files_dir)!r}", file=sys.stderr)
@@ -87,7 +91,7 @@ def load_for_inference(
     model = fabric.setup_module(load_model(resolved))
     fabric.print(f"Time to load the model: {time.perf_counter() - t0:.02f} seconds.", file=sys.stderr)
 
-    return Inference(fabric, model, tokenizer, prompt_style_of(resolved.files_dir, model.config))
+    return Inference(fabric, model, tokenizer, read_prompt_style(resolved.files_dir, model.config))
 
 
 @torch.inference_mode()
@@ -136,7 +140,7 @@ def main(
     """
     print(pformat(locals()), file=sys.stderr)
     check_numbers(locals())
-    inference = load_for_inference(checkpoint_dir, base_checkpoint_dir, precision, quantize)
+    inference = load_for_inference(checkpoint_dir, base_checkpoint_dir, precision, quantize, temperature)
     fabric, model, tokenizer = inference.fabric, inference.model, inference.tokenizer
 
     styled = inference.prompt_style.apply(prompt, sys_prompt=sys_prompt, input=input)

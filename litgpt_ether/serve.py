@@ -36,7 +36,10 @@ from litgpt_ether.checkpoint import (
     check_adapter_fits,
     check_checkpoint_dir,
     load_adapter,
+    load_tokenizer,
     model_from_checkpoint,
+    read_model_config,
+    read_prompt_style,
     resolve,
 )
 from litgpt_ether.checks import (
@@ -57,7 +60,7 @@ from litgpt_ether.ether import (
     reflect,
     unit_vectors,
 )
-from litgpt_ether.generate import check_fits, prompt_style_of
+from litgpt_ether.generate import check_fits
 
 try:  # the `serve` extra; without it the verb stops with one line naming the extra
     from fastapi import BackgroundTasks
@@ -229,14 +232,14 @@ def load_adapter_for(base_dir: Path, name: str, path: Path) -> Adapter:
             f"ether_method {method}: serve batches ETHER and ETHER+ adapters; merge it (litgpt_ether merge) and"
             " serve the merged checkpoint on its own"
         )
-    base_config = litgpt.config.Config.from_file(base_dir / "model_config.yaml")
-    config = Config.from_file(base_dir / "model_config.yaml", **ether_args)
+    base_config = read_model_config(base_dir / "model_config.yaml")
+    config = read_model_config(base_dir / "model_config.yaml", ether_args)
     with torch.device("meta"):
         check_adapter_fits(GPT(config), state, resolved)
     tuned_on = resolved.files_dir / "model_config.yaml"
-    if tuned_on.is_file() and litgpt.config.Config.from_file(tuned_on).name != base_config.name:
+    if tuned_on.is_file() and read_model_config(tuned_on).name != base_config.name:
         raise ConfigError(f"was tuned on another model than {base_config.name!r} ({tuned_on})")
-    return Adapter(name, path, config.ether_args(), state, prompt_style_of(resolved.files_dir, base_config))
+    return Adapter(name, path, config.ether_args(), state, read_prompt_style(resolved.files_dir, base_config))
 
 
 def load_adapters(base_dir: Path, specs: Sequence[str]) -> list[Adapter]:
@@ -714,10 +717,10 @@ def main(
     loaded = load_adapters(checkpoint_dir, adapters)
     quantization(quantize, precision, training=False, accelerator=accelerator)  # refuses what cannot run, now
     port_free(host, port)
-    config = litgpt.config.Config.from_file(checkpoint_dir / "model_config.yaml")
-    styles = {BASE: prompt_style_of(checkpoint_dir, config), **{a.name: a.prompt_style for a in loaded}}
-    options = Options([a.name for a in loaded], styles, Tokenizer(checkpoint_dir), config.block_size, max_new_tokens,
-                      temperature, top_k, top_p)  # fmt: skip
+    config = read_model_config(checkpoint_dir / "model_config.yaml")
+    styles = {BASE: read_prompt_style(checkpoint_dir, config), **{a.name: a.prompt_style for a in loaded}}
+    options = Options([a.name for a in loaded], styles, load_tokenizer(checkpoint_dir), config.block_size,
+                      max_new_tokens, temperature, top_k, top_p)  # fmt: skip
     batching = {"max_batch_size": max_batch_size, "batch_timeout": batch_timeout if max_batch_size > 1 else 0.0}
     api = AdapterAPI(checkpoint_dir, adapters, options, precision, quantize, spec=AdapterSpec(options), **batching)
     server = LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=1, timeout=False)
