@@ -8,6 +8,7 @@ import sys
 import typing
 import warnings
 from argparse import ArgumentError
+from pathlib import Path
 
 import torch
 import yaml
@@ -112,6 +113,25 @@ def configs_first(args: list[str]) -> list[str]:
     return [verb, *configs, *others]
 
 
+def check_config_files(args: list[str]) -> None:
+    """Every ``--config FILE``: readable UTF-8 YAML holding a mapping, refused in one line naming it (jsonargparse
+    stops with a ``UnicodeDecodeError`` traceback on a binary file). A ``--config`` that is not a file is
+    jsonargparse's to read (it takes inline YAML too)."""
+    given = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    given += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for name in given:
+        path = Path(name)
+        if not path.is_file():
+            continue
+        try:
+            value = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            detail = " ".join(str(err).split())[:160]
+            raise ConfigError(f"--config {name!r} is not a YAML text file ({type(err).__name__}: {detail})") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"--config {name!r} must hold a YAML mapping of options, got {type(value).__name__}")
+
+
 def explain(message: str, args: list[str]) -> str:
     """jsonargparse's message in one line a user can act on.
 
@@ -156,6 +176,7 @@ def main() -> None:
     # in place: finetune re-parses sys.argv to save its hyperparameters
     sys.argv[1:] = reset_before_whole_optimizer(configs_first(adapters_as_list(sys.argv[1:])))
     try:
+        check_config_files(sys.argv[1:])
         # exit_on_error=False: jsonargparse raises instead of printing its usage block and exiting
         CLI(COMMANDS, exit_on_error=False, parser_class=Parser)
     except USER_ERRORS as err:

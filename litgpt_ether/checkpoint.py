@@ -6,9 +6,12 @@ finetune output goes through ``resolve`` and ``load_model``, so merged and unmer
 the same everywhere.
 """
 
+import glob
 import os
+import re
 import shutil
-import tempfile
+import socket
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,19 +28,99 @@ from litgpt.utils import check_valid_checkpoint_dir, copy_config_files
 
 from litgpt_ether.ether import GPT, Config, ConfigError, ether_filter, load_base_checkpoint, merge_ether
 
+try:  # POSIX: the lock that keeps a second writer out of an output directory
+    import fcntl
+except ImportError:  # Windows: no lock
+    fcntl = None
+
 ADAPTER_FILE = "lit_model.pth.ether"
 MODEL_FILE = "lit_model.pth"
 TRAINING_STATE_FILE = "training_state.pth"  # what ``finetune --resume`` needs beyond the adapter
 
 
 # Every file the toolkit writes goes to a temporary name first and is renamed into place (``os.replace`` is
-# atomic): a run killed during a save leaves the previous file or the new one, never a truncated one.
+# atomic): a run killed during a save leaves the previous file or the new one, never a truncated one. Temporary names
+# carry the writer's process id, so two writers never share one, and a killed writer's leftovers are recognised
+# (their process is gone) and removed the next time their directory is written.
+
+LOCK_FILE = ".litgpt_ether.lock"
+
+
+class DirectoryBusy(ConfigError):
+    """Another process is writing the output directory."""
+
+
+@contextmanager
+def exclusive(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (created if needed) while the block runs; refuse if another process
+    holds it, naming that process.
+
+    An OS file lock (``flock``) dies with its process, so a crash or SIGKILL leaves no stale lock behind: the lock
+    file stays (removing it would let two processes lock two files of one name) and holds its last holder's id.
+    """
+    directory = Path(directory)
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise DirectoryBusy(
+                f"{str(directory)!r} is being written by {holder}: wait for it to finish, or choose another output"
+                " directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    except BaseException:
+        if created and [p.name for p in directory.iterdir()] == [LOCK_FILE]:  # failed before writing: as it was
+            (directory / LOCK_FILE).unlink()
+            directory.rmdir()
+        raise
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def remove_leftovers(directory: Path, name: str, kinds: tuple[str, ...]) -> None:
+    """Remove ``.<name>.<pid>.<kind>`` files and directories in ``directory`` whose process is gone (killed while
+    it wrote), saying so in one line each. Another live process's are left alone."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.({'|'.join(kinds)})")
+    for path in Path(directory).glob(f".{glob.escape(name)}.*"):
+        match = pattern.fullmatch(path.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        print(f"Removed {str(path)!r}, left by process {match.group(1)} (stopped while writing)", file=sys.stderr)
+
+
+def _temporary(path: Path, kind: str) -> Path:
+    """This process's temporary name for ``path``, once a dead process's leftovers of it are gone."""
+    remove_leftovers(path.parent, path.name, (kind,))
+    return path.with_name(f".{path.name}.{os.getpid()}.{kind}")
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """``write`` a temporary name beside ``path``, then rename it into place. The name is this process's own, so two
     writers never write into one file; a failed write (a full disk, an interrupt) removes it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temporary(path, "tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -58,20 +141,25 @@ def write_text_atomic(text: str, path: Path) -> None:
 
 def copy_config_files_atomic(source_dir: Path, out_dir: Path) -> None:
     """litgpt's ``copy_config_files`` (its list of config and tokenizer files), each renamed into place."""
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".copy-") as tmp:
-        copy_config_files(Path(source_dir), Path(tmp))
-        for file in Path(tmp).iterdir():
+    tmp = _temporary(out_dir / "config-files", "tmp")
+    try:
+        tmp.mkdir()
+        copy_config_files(Path(source_dir), tmp)
+        for file in tmp.iterdir():
             os.replace(file, out_dir / file.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
 def staged_dir(target: Path) -> Iterator[Path]:
     """A directory written under a temporary name and renamed to ``target`` once complete.
 
-    A kill while writing leaves only ``.<name>.partial``, which nothing loads and the next save replaces.
+    A kill while writing leaves only ``.<name>.<pid>.partial``, which nothing loads and the next save into that
+    directory removes.
     """
-    tmp = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _temporary(target, "partial")
+    remove_leftovers(target.parent, target.name, ("old",))
     tmp.mkdir(parents=True)
     try:
         yield tmp
@@ -79,8 +167,7 @@ def staged_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if target.exists():  # replacing an older save: move it aside first, as rename cannot replace a directory
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
+        old = target.with_name(f".{target.name}.{os.getpid()}.old")
         os.replace(target, old)
         os.replace(tmp, target)
         shutil.rmtree(old)

@@ -300,15 +300,26 @@ def check_json_data(data: DataModule) -> None:
             rows = load_split(file)
         except (OSError, ValueError) as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ConfigError(f"data file {str(file)!r} is not readable JSON ({' '.join(str(err).split())})") from None
-        if not isinstance(rows, list) or not rows:
-            raise ConfigError(f"data file {str(file)!r} holds no samples: expected a non-empty JSON list")
-        for i, row in enumerate(rows):
-            missing = [key for key in ("instruction", "output") if not isinstance(row, dict) or key not in row]
-            if missing:
-                raise ConfigError(
-                    f"data file {str(file)!r}: sample {i} has no {' or '.join(map(repr, missing))}"
-                    " (every sample needs 'instruction' and 'output')"
-                )
+        check_rows(rows, f"data file {str(file)!r}")
+
+
+def check_rows(rows: Any, where: str) -> None:
+    """Alpaca-style samples: a non-empty list of mappings whose ``instruction`` and ``output`` (and ``input``, if
+    given) are text. The first bad sample is named by its index; litgpt would fail on it mid-run, or train on
+    ``str(None)``."""
+    if not isinstance(rows, list) or not rows:
+        raise ConfigError(f"{where} holds no samples: expected a non-empty JSON list")
+    for i, row in enumerate(rows):
+        missing = [key for key in ("instruction", "output") if not isinstance(row, dict) or key not in row]
+        if missing:
+            raise ConfigError(
+                f"{where}: sample {i} has no {' or '.join(map(repr, missing))}"
+                " (every sample needs 'instruction' and 'output')"
+            )
+        for key in ("instruction", "input", "output"):
+            if key in row and not isinstance(row[key], str):
+                kind = "null" if row[key] is None else type(row[key]).__name__
+                raise ConfigError(f"{where}: sample {i}'s {key!r} is {kind}, not text")
 
 
 def check_outputs_fit(dataset: Any, max_seq_length: int | None) -> None:

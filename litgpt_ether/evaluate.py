@@ -22,7 +22,7 @@ from litgpt.tokenizer import Tokenizer
 from litgpt.utils import get_default_supported_precision
 from tqdm import tqdm
 
-from litgpt_ether.checkpoint import load_model, load_tokenizer, resolve, write_text_atomic
+from litgpt_ether.checkpoint import Resolved, exclusive, load_model, load_tokenizer, resolve, write_text_atomic
 from litgpt_ether.checks import (
     ConfigError,
     InferenceQuantize,
@@ -288,9 +288,23 @@ def evaluate(
     resolved = resolve(checkpoint_dir, base_checkpoint_dir)
     out_dir = Path(out_dir) if out_dir is not None else resolved.files_dir / "eval"
     check_output_dir(out_dir)  # before the tasks run, which can take hours
+    refuse_results(out_dir, overwrite)
+    with exclusive(out_dir):  # one evaluation writes here at a time
+        refuse_results(out_dir, overwrite)  # again, locked: another may have finished meanwhile
+        return run_tasks(resolved, fabric, task_names, task_manager, out_dir, num_fewshot, batch_size, limit,
+                         precision, quantize, seed)  # fmt: skip
+
+
+def refuse_results(out_dir: Path, overwrite: bool) -> None:
     if (out_dir / "results.json").exists() and not overwrite:
         results_file = str(out_dir / "results.json")
         raise ConfigError(f"{results_file!r} exists: choose another --out_dir, or pass --overwrite true to replace it")
+
+
+def run_tasks(resolved: Resolved, fabric: L.Fabric, task_names: list[str], task_manager: Any, out_dir: Path,
+              num_fewshot: int | None, batch_size: int, limit: float | None, precision: str | None,
+              quantize: str | None, seed: int) -> dict[str, Any]:  # fmt: skip
+    """Load the model, run the tasks and write ``results.json`` atomically."""
     t0 = time.perf_counter()
     model = fabric.setup_module(load_model(resolved))
     fabric.print(f"Time to load the model: {time.perf_counter() - t0:.02f} seconds.", file=sys.stderr)

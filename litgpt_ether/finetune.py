@@ -6,6 +6,7 @@ and a merged checkpoint. litgpt's data modules, tokenizer, prompt styles, args, 
 used as they are.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -66,6 +67,7 @@ from litgpt_ether.checkpoint import (
     Resolved,
     check_adapter_fits,
     check_checkpoint_dir,
+    exclusive,
     load_adapter,
     load_tokenizer,
     merge_adapter,
@@ -83,6 +85,7 @@ from litgpt_ether.checks import (
     check_optimizer,
     check_output_dir,
     check_outputs_fit,
+    check_rows,
     check_samples_fit,
     check_train_args,
     quantization,
@@ -249,22 +252,25 @@ def setup(
         plugins=plugins,
         loggers=logger,
     )
-    resume_dir = prepare_out_dir(out_dir, resume, overwrite)
-    set_aside = fabric.global_rank == 0 and overwrite and resume_dir is None and set_aside_previous_run(out_dir)
-    try:
-        fabric.launch(
-            main, devices, seed, config, data, checkpoint_dir, out_dir, train, eval, optimizer, num_nodes,
-            test_rows, resume_dir, activation_checkpointing and world_size == 1, compile, pad_multiple,
-        )  # fmt: skip
-    except BaseException as err:
-        if set_aside:
-            restore_previous_run(out_dir)  # the new run saved nothing: the old one is back as it was
-        if isinstance(err, KeyboardInterrupt):  # Ctrl-C: where the run stands, in one line instead of a traceback
-            steps = step_checkpoints(out_dir)
-            where = (f"its latest checkpoint is {str(steps[-1])!r}: continue it with the same command and --resume"
-                     " auto" if steps else "no checkpoint was saved yet: start it again")  # fmt: skip
-            raise Interrupted(f"finetune interrupted; {where}") from None
-        raise
+    prepare_out_dir(out_dir, resume, overwrite)  # refuses a run in the way before anything is written
+    # one writer per out_dir: rank 0 writes every file (the other ranks, started by ``launch``, run this again)
+    with exclusive(out_dir) if fabric.global_rank == 0 else contextlib.nullcontext():
+        resume_dir = prepare_out_dir(out_dir, resume, overwrite)  # again: a writer may have finished meanwhile
+        set_aside = fabric.global_rank == 0 and overwrite and resume_dir is None and set_aside_previous_run(out_dir)
+        try:
+            fabric.launch(
+                main, devices, seed, config, data, checkpoint_dir, out_dir, train, eval, optimizer, num_nodes,
+                test_rows, resume_dir, activation_checkpointing and world_size == 1, compile, pad_multiple,
+            )  # fmt: skip
+        except BaseException as err:
+            if set_aside:
+                restore_previous_run(out_dir)  # the new run saved nothing: the old one is back as it was
+            if isinstance(err, KeyboardInterrupt):  # Ctrl-C: where the run stands, in one line, not a traceback
+                steps = step_checkpoints(out_dir)
+                where = (f"its latest checkpoint is {str(steps[-1])!r}: continue it with the same command and"
+                         " --resume auto" if steps else "no checkpoint was saved yet: start it again")  # fmt: skip
+                raise Interrupted(f"finetune interrupted; {where}") from None
+            raise
 
 
 def main(
@@ -460,8 +466,7 @@ def load_test_rows(path: Path) -> list[dict]:
         rows = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"test_data {str(path)!r} is not a readable JSON file ({err})") from None
-    if not rows or not all(isinstance(r, dict) and "instruction" in r and "output" in r for r in rows):
-        raise ConfigError(f"test_data {str(path)!r} must be a non-empty JSON list of {{instruction, input, output}}")
+    check_rows(rows, f"test_data {str(path)!r}")
     return rows
 
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from litgpt_ether.checkpoint import ADAPTER_FILE, merge_adapter, resolve, staged_dir
+from litgpt_ether.checkpoint import ADAPTER_FILE, LOCK_FILE, exclusive, merge_adapter, resolve, staged_dir
 from litgpt_ether.checks import ConfigError, check_output_dir
 
 
@@ -29,19 +29,27 @@ def merge(
     if out_dir is None or Path(out_dir).resolve() == resolved.files_dir.resolve():
         # beside its own adapter: the weights are that adapter's merge, whatever was there before
         check_output_dir(resolved.files_dir)
-        path = merge_adapter(resolved, resolved.files_dir)
+        with exclusive(resolved.files_dir):
+            path = merge_adapter(resolved, resolved.files_dir)
     else:
         out_dir = Path(out_dir)
         check_output_dir(out_dir)
         inputs = [resolved.files_dir.resolve(), resolved.base_dir.resolve()]
         if any(p == out_dir.resolve() or out_dir.resolve() in p.parents for p in inputs):
             raise ConfigError(f"out_dir {str(out_dir)!r} holds the adapter or its base model: choose another")
-        if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-            raise ConfigError(
-                f"out_dir {str(out_dir)!r} is not empty: choose a new directory, or pass --overwrite true to replace"
-                " it as a whole"
-            )
-        with staged_dir(out_dir) as tmp:  # written whole under a temporary name, then renamed into place
-            merge_adapter(resolved, tmp)
+        refuse_nonempty(out_dir, overwrite)
+        with exclusive(out_dir):
+            refuse_nonempty(out_dir, overwrite)  # again, locked: another merge may have written it meanwhile
+            with staged_dir(out_dir) as tmp:  # written whole under a temporary name, then renamed into place
+                merge_adapter(resolved, tmp)
         path = out_dir / "lit_model.pth"
     print(f"Saved the merged model to {str(path)!r}")
+
+
+def refuse_nonempty(out_dir: Path, overwrite: bool) -> None:
+    """An ``out_dir`` holding anything (but the lock file) is replaced only with ``overwrite``."""
+    if out_dir.is_dir() and any(p.name != LOCK_FILE for p in out_dir.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"out_dir {str(out_dir)!r} is not empty: choose a new directory, or pass --overwrite true to replace it"
+            " as a whole"
+        )

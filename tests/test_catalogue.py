@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import finetune_args, run_main
+
+from litgpt_ether.checkpoint import exclusive
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -70,7 +73,61 @@ def world(checkpoint_dir, dataset_path, tmp_path_factory) -> Path:
     (bad / "unknown-key.yaml").write_text("no_such_key: 3\n")
     (bad / "evaluated").mkdir()
     (bad / "evaluated" / "results.json").write_text("{}")  # an earlier evaluation's
+
+    # run files that are read after the checks (the base's, a step checkpoint's), each broken one way
+    def base_with(name: str, file: str, text: str) -> None:
+        shutil.copytree(w / "base", bad / name)
+        (bad / name / file).write_text(text)
+
+    base_with("config-empty", "model_config.yaml", "")
+    base_with("config-list", "model_config.yaml", "- 1\n- 2\n")
+    base_with("config-unknown-key", "model_config.yaml", (w / "base" / "model_config.yaml").read_text() + "nosuch: 1\n")
+    base_with("tokenizer-corrupt", "tokenizer.json", (w / "base" / "tokenizer.json").read_text()[:100])
+    base_with("style-missing-class", "prompt_style.yaml", "class_path: litgpt.prompts.NoSuchStyle\n")
+    base_with("style-not-a-style", "prompt_style.yaml", "class_path: collections.OrderedDict\n")
+    base_with("style-empty", "prompt_style.yaml", "")
+
+    def step_with(name: str, file: str, text: str | None = None, adapter: object = None) -> None:
+        shutil.copytree(w / "run" / "step-000002", bad / name)
+        if text is not None:
+            (bad / name / file).write_text(text)
+        if adapter is not None:
+            torch.save(adapter, bad / name / file)
+
+    hparams = yaml.safe_load((w / "run" / "step-000002" / "hyperparameters.yaml").read_text())
+    step_with("hparams-empty", "hyperparameters.yaml", "")
+    step_with("hparams-list", "hyperparameters.yaml", "- finetune\n")
+    step_with("hparams-no-base", "hyperparameters.yaml", yaml.safe_dump({k: v for k, v in hparams.items()
+                                                                         if k != "checkpoint_dir"}))  # fmt: skip
+    step_with("hparams-base-number", "hyperparameters.yaml", yaml.safe_dump({**hparams, "checkpoint_dir": 3}))
+    step_with("step-style-missing-class", "prompt_style.yaml", "class_path: litgpt.prompts.NoSuchStyle\n")
+    adapter = torch.load(w / "run" / "step-000002" / "lit_model.pth.ether", weights_only=True)
+    first = next(iter(adapter["model"]))
+    nan = {**adapter["model"], first: torch.full_like(adapter["model"][first], float("nan"))}
+    step_with("adapter-nan", "lit_model.pth.ether", adapter={**adapter, "model": nan})
+    lists = {**adapter["model"], first: adapter["model"][first].tolist()}
+    step_with("adapter-not-tensors", "lit_model.pth.ether", adapter={**adapter, "model": lists})
+    step_with("adapter-model-list", "lit_model.pth.ether", adapter={**adapter, "model": [1, 2]})
+
+    # data rows whose fields are not text, and configs that are not YAML mappings
+    good = {"instruction": "reverse red", "input": "", "output": "der"}
+    for name, row in {"instruction-null": {**good, "instruction": None}, "output-number": {**good, "output": 3},
+                      "input-list": {**good, "input": ["a"]}, "output-mapping": {**good, "output": {"a": 1}},
+                      "row-string": "reverse red"}.items():  # fmt: skip
+        (bad / f"{name}.json").write_text(json.dumps(rows[:3] + [row] + rows[3:20]))
+    (bad / "binary.yaml").write_bytes(bytes(range(128, 256)) * 2)
+    (bad / "list.yaml").write_text("- a\n- b\n")
     return w
+
+
+@pytest.fixture(scope="module")
+def locked(world) -> Path:
+    """Output directories another writer holds (this process, through its own lock): a run's, an evaluation's and an
+    empty one."""
+    locked = world / "locked"
+    shutil.copytree(world / "run" / "step-000002", locked / "step")
+    with exclusive(locked / "step"), exclusive(locked / "empty"):
+        yield world
 
 
 def F(*extra: str, base: str = "{w}/base") -> list[str]:
@@ -166,7 +223,7 @@ CASES = {
     ),  # fmt: skip
     "ft-prompts-fill": (F("--train.max_seq_length", "4"), "every training sample's prompt fills"),
     "ft-test-data-missing": (F("--test_data", "{w}/nowhere.json"), "test_data '{w}/nowhere.json' is not a readable"),
-    "ft-test-data-bad": (F("--test_data", "{w}/bad/no-output.json"), "must be a non-empty JSON list"),
+    "ft-test-data-bad": (F("--test_data", "{w}/bad/no-output.json"), "sample 0 has no 'output'"),
     # finetune: outputs
     "ft-out-is-file": (F("--out_dir", "{w}/bad/a-file/out"), "cannot be a directory: '{w}/bad/a-file' is a file"),
     "ft-out-holds-run": (F("--out_dir", "{w}/run"), "already holds a run (final, step-000002, step-000004)"),
@@ -269,14 +326,114 @@ CASES = {
     # the command line itself
     "no-verb-flag": (["finetune", "--no_such_flag"], "Unrecognized arguments"),
     "unknown-verb": (["train"], "invalid choice: 'train'"),
+    # run files read after the checks: the base model's
+    "ft-config-empty": (F(base="{w}/bad/config-empty"), "model_config.yaml' is empty: expected a YAML mapping"),
+    "ft-config-list": (F(base="{w}/bad/config-list"), "model_config.yaml' holds a list: expected a YAML mapping"),
+    "ft-config-unknown-key": (F(base="{w}/bad/config-unknown-key"), "is not a litgpt model config (TypeError"),
+    "ft-tokenizer-corrupt": (F(base="{w}/bad/tokenizer-corrupt"), "the tokenizer in '{w}/bad/tokenizer-corrupt' is"),
+    "ft-style-missing-class": (F(base="{w}/bad/style-missing-class"), "names no usable prompt style"),
+    "gen-config-empty": (["generate", "{w}/bad/config-empty"], "model_config.yaml' is empty"),
+    "gen-config-unknown-key": (["generate", "{w}/bad/config-unknown-key"], "is not a litgpt model config"),
+    "gen-tokenizer-corrupt": (["generate", "{w}/bad/tokenizer-corrupt"], "tokenizer-corrupt' is not readable"),
+    "gen-style-missing-class": (["generate", "{w}/bad/style-missing-class"], "names no usable prompt style"),
+    "gen-style-not-a-style": (["generate", "{w}/bad/style-not-a-style"], "OrderedDict, which is not a litgpt"),
+    "gen-style-empty": (["generate", "{w}/bad/style-empty"], "prompt_style.yaml' is empty"),
+    "chat-config-list": (["chat", "{w}/bad/config-list"], "model_config.yaml' holds a list"),
+    "chat-tokenizer-corrupt": (["chat", "{w}/bad/tokenizer-corrupt"], "tokenizer-corrupt' is not readable"),
+    "chat-style-not-a-style": (["chat", "{w}/bad/style-not-a-style"], "which is not a litgpt PromptStyle"),
+    "eval-config-empty": (["evaluate", "{w}/bad/config-empty", "--tasks", "arc_easy"], "model_config.yaml' is empty"),
+    "eval-tokenizer-corrupt": (["evaluate", "{w}/bad/tokenizer-corrupt", "--tasks", "arc_easy"], "not readable"),
+    "merge-base-tokenizer-corrupt": (
+        [
+            "merge",
+            "{w}/run/step-000002",
+            "--base_checkpoint_dir",
+            "{w}/bad/tokenizer-corrupt",
+            "--out_dir",
+            "{w}/new-merged",
+        ],
+        "the tokenizer in '{w}/bad/tokenizer-corrupt' is not readable",
+    ),  # fmt: skip
+    "inspect-base-config-list": (
+        ["inspect", "{w}/run/step-000002", "--base_checkpoint_dir", "{w}/bad/config-list"],
+        "holds a list",
+    ),  # fmt: skip
+    # ... a step checkpoint's
+    "gen-hparams-empty": (["generate", "{w}/bad/hparams-empty"], "hyperparameters.yaml' is empty"),
+    "gen-hparams-list": (["generate", "{w}/bad/hparams-list"], "hyperparameters.yaml' holds a list"),
+    "gen-hparams-no-base": (["generate", "{w}/bad/hparams-no-base"], "names no checkpoint_dir (the base model)"),
+    "gen-hparams-base-number": (["generate", "{w}/bad/hparams-base-number"], "names no checkpoint_dir"),
+    "gen-step-style": (["generate", "{w}/bad/step-style-missing-class"], "names no usable prompt style"),
+    "chat-hparams-empty": (["chat", "{w}/bad/hparams-empty"], "hyperparameters.yaml' is empty"),
+    "merge-hparams-list": (["merge", "{w}/bad/hparams-list"], "hyperparameters.yaml' holds a list"),
+    "merge-hparams-no-base": (["merge", "{w}/bad/hparams-no-base"], "pass --base_checkpoint_dir"),
+    "inspect-hparams-empty": (["inspect", "{w}/bad/hparams-empty"], "hyperparameters.yaml' is empty"),
+    "eval-hparams-list": (["evaluate", "{w}/bad/hparams-list", "--tasks", "arc_easy"], "holds a list"),
+    # ... and its adapter: non-finite values or not tensors, refused by every verb alike
+    "merge-adapter-nan": (["merge", "{w}/bad/adapter-nan"], "holds non-finite values (NaN or inf)"),
+    "gen-adapter-nan": (["generate", "{w}/bad/adapter-nan"], "holds non-finite values (NaN or inf)"),
+    "chat-adapter-nan": (["chat", "{w}/bad/adapter-nan"], "holds non-finite values (NaN or inf)"),
+    "eval-adapter-nan": (["evaluate", "{w}/bad/adapter-nan", "--tasks", "arc_easy"], "holds non-finite values"),
+    "inspect-adapter-nan": (["inspect", "{w}/bad/adapter-nan"], "holds non-finite values (NaN or inf)"),
+    "gen-adapter-not-tensors": (["generate", "{w}/bad/adapter-not-tensors"], "is not a tensor"),
+    "inspect-adapter-not-tensors": (["inspect", "{w}/bad/adapter-not-tensors"], "is not a tensor"),
+    "merge-adapter-model-list": (["merge", "{w}/bad/adapter-model-list"], "entries must be mappings"),
+    # data rows and configs
+    "ft-data-instruction-null": (
+        F("--data.json_path", "{w}/bad/instruction-null.json"),
+        "sample 3's 'instruction' is null, not text",
+    ),  # fmt: skip
+    "ft-data-output-number": (F("--data.json_path", "{w}/bad/output-number.json"), "sample 3's 'output' is int"),
+    "ft-data-input-list": (F("--data.json_path", "{w}/bad/input-list.json"), "sample 3's 'input' is list, not text"),
+    "ft-data-output-mapping": (F("--data.json_path", "{w}/bad/output-mapping.json"), "sample 3's 'output' is dict"),
+    "ft-data-row-string": (F("--data.json_path", "{w}/bad/row-string.json"), "sample 3 has no 'instruction' or"),
+    "ft-test-data-null": (F("--test_data", "{w}/bad/instruction-null.json"), "test_data '{w}/bad/instruction-null"),
+    "ft-config-binary": (F("--config", "{w}/bad/binary.yaml"), "--config '{w}/bad/binary.yaml' is not a YAML text"),
+    "ft-config-file-list": (F("--config", "{w}/bad/list.yaml"), "must hold a YAML mapping of options, got list"),
+    "gen-config-binary": (["generate", "--config", "{w}/bad/binary.yaml"], "is not a YAML text file"),
+    # sampling the arithmetic cannot hold
+    "gen-temperature-overflow": (["generate", "{w}/merged", "--temperature", "1e39"], "temperature 1e+39 overflows"),
+    "gen-temperature-underflow": (["generate", "{w}/merged", "--temperature", "1e-39"], "overflows"),
+    "chat-temperature-overflow": (
+        ["chat", "{w}/merged", "--temperature", "1e39", "--precision", "16-true"],
+        "temperature 1e+39 overflows float16 arithmetic",
+    ),  # fmt: skip
+    "gen-temperature-fp16": (
+        ["generate", "{w}/merged", "--temperature", "70000", "--precision", "16-true"],
+        "temperature 70000 overflows float16",
+    ),  # fmt: skip
+    # serve: options that could never work, refused before anything listens
+    "serve-adapter-nan": (["serve", "{w}/base", "--adapters", "a={w}/bad/adapter-nan"], "holds non-finite values"),
+    "serve-temperature": (["serve", "{w}/base", "--adapters", "a={w}/run", "--temperature", "1e39"], "overflows"),
+    "serve-max-new-tokens": (
+        ["serve", "{w}/base", "--adapters", "a={w}/run", "--max_new_tokens", "128"],
+        "max_new_tokens",
+    ),  # fmt: skip
+    "serve-top-p": (["serve", "{w}/base", "--adapters", "a={w}/run", "--top_p", "2"], "top_p must be in [0, 1]"),
+    "serve-tokenizer-corrupt": (["serve", "{w}/bad/tokenizer-corrupt", "--adapters", "a={w}/run"], "not readable"),
+    "serve-adapter-style": (
+        ["serve", "{w}/base", "--adapters", "a={w}/bad/step-style-missing-class"],
+        "names no usable prompt style",
+    ),  # fmt: skip
+    # one writer per output directory (the ``locked`` fixture holds these)
+    "ft-out-locked": (F("--out_dir", "{w}/locked/empty"), "'{w}/locked/empty' is being written by process"),
+    "merge-out-locked": (["merge", "{w}/run/step-000002", "--out_dir", "{w}/locked/empty"], "is being written by"),
+    "merge-in-place-locked": (["merge", "{w}/locked/step"], "'{w}/locked/step' is being written by process"),
+    "eval-out-locked": (
+        ["evaluate", "{w}/merged", "--tasks", "arc_easy", "--out_dir", "{w}/locked/empty"],
+        "is being written by process",
+    ),  # fmt: skip
 }
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_and_changes_nothing(world, case):
+def test_bad_input_is_one_line_and_changes_nothing(locked, case):
+    world = locked
     args, message = CASES[case]
     if args[0] == "evaluate":
         pytest.importorskip("lm_eval", reason="the eval extra installs lm-eval")
+    if args[0] == "serve":
+        pytest.importorskip("litserve", reason="the serve extra installs LitServe")
     args = [str(a).replace("{w}", str(world)) for a in args]
     before = tree(world)
     result = run_main(*args)
@@ -288,7 +445,7 @@ def test_bad_input_is_one_line_and_changes_nothing(world, case):
     assert tree(world) == before
 
 
-def test_the_catalogue_covers_every_verb_with_sixty_cases():
+def test_the_catalogue_covers_every_verb_with_150_distinct_cases():
     verbs = {args[0] for args, _ in CASES.values()}
-    assert {"finetune", "merge", "generate", "chat", "evaluate", "inspect"} <= verbs
-    assert len(CASES) >= 60
+    assert {"finetune", "merge", "generate", "chat", "evaluate", "inspect", "serve"} <= verbs
+    assert len({tuple(args) for args, _ in CASES.values()}) == len(CASES) >= 150

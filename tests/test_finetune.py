@@ -149,10 +149,19 @@ def test_warmup_as_long_as_the_run_is_a_one_line_error(checkpoint_dir, dataset_p
     )
 
 
-@pytest.mark.parametrize("rows", [[], [{"instruction": "reverse red"}], {"instruction": "x", "output": "y"}])
-def test_test_data_without_instruction_and_output_rows_is_refused(tmp_path, rows):
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([], "holds no samples"),
+        ({"instruction": "x", "output": "y"}, "holds no samples"),
+        ([{"instruction": "x", "output": "y"}, {"instruction": "reverse red"}], "sample 1 has no 'output'"),
+        ([{"instruction": "x", "output": 3}], "sample 0's 'output' is int, not text"),
+        ([{"instruction": "x", "input": None, "output": "y"}], "sample 0's 'input' is null, not text"),
+    ],
+)
+def test_test_data_without_text_instruction_and_output_rows_is_refused(tmp_path, rows, message):
     (tmp_path / "test.json").write_text(json.dumps(rows))
-    with pytest.raises(ConfigError, match="must be a non-empty JSON list"):
+    with pytest.raises(ConfigError, match=message):
         load_test_rows(tmp_path / "test.json")
 
 
