@@ -1,5 +1,6 @@
 """The ``litgpt_ether`` command line: one subcommand per verb, parsed by jsonargparse as litgpt does."""
 
+import errno
 import inspect
 import json
 import os
@@ -184,6 +185,13 @@ def main() -> None:
             raise
         print(f"litgpt_ether: error: {' '.join(explain(str(err), sys.argv[1:]).split())}", file=sys.stderr)
         sys.exit(2 if isinstance(err, ArgumentError) else 1)
+    except OSError as err:
+        if debug() or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {err.filename!r}" if err.filename else ""
+        print(f"litgpt_ether: error: no space left on the device{where}: free some space and run it again (files"
+              " written before are intact)", file=sys.stderr)  # fmt: skip
+        sys.exit(1)
     except (Interrupted, KeyboardInterrupt) as err:  # Ctrl-C: 128 + SIGINT, as a shell reports it
         if debug():
             raise

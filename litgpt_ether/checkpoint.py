@@ -6,6 +6,7 @@ finetune output goes through ``resolve`` and ``load_model``, so merged and unmer
 the same everywhere.
 """
 
+import errno
 import glob
 import os
 import re
@@ -64,7 +65,9 @@ def exclusive(directory: Path) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = directory / LOCK_FILE
+    new_lock = not lock.exists()
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -77,10 +80,11 @@ def exclusive(directory: Path) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
         yield
-    except BaseException:
-        if created and [p.name for p in directory.iterdir()] == [LOCK_FILE]:  # failed before writing: as it was
-            (directory / LOCK_FILE).unlink()
-            directory.rmdir()
+    except BaseException as err:
+        if new_lock and not isinstance(err, DirectoryBusy):  # failed: the directory as it was before
+            lock.unlink(missing_ok=True)
+            if created and not any(directory.iterdir()):
+                directory.rmdir()
         raise
     finally:
         os.close(fd)  # releases the lock
@@ -117,26 +121,57 @@ def _temporary(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{kind}")
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+class DiskFull(ConfigError):
+    """Not enough space for a file: said in one line, with nothing half-written left behind."""
+
+
+def nbytes(obj: Any) -> int:
+    """The bytes of the tensors in ``obj`` (nested in mappings and sequences): about what ``torch.save`` writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    return 0
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """Refuse, before writing, a file of ``needed`` bytes at ``path`` that its file system has no room for."""
+    free = shutil.disk_usage(path.parent if not path.is_dir() else path).free
+    if needed > free:
+        raise DiskFull(_no_space(path, needed, free))
+
+
+def _no_space(path: Path, needed: int, free: int) -> str:
+    return (f"no space left for {str(path)!r}: it needs about {needed:,} bytes and {free:,} are free; nothing was"
+            " written (earlier files are intact): free some space or choose another directory")  # fmt: skip
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None], needed: int) -> None:
     """``write`` a temporary name beside ``path``, then rename it into place. The name is this process's own, so two
-    writers never write into one file; a failed write (a full disk, an interrupt) removes it."""
+    writers never write into one file; a failed write (a full disk, an interrupt) removes it. ``needed`` (bytes,
+    an estimate) is checked against the free space first."""
+    check_free_space(path, needed)
     tmp = _temporary(path, "tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(_no_space(path, needed, shutil.disk_usage(path.parent).free)) from None
         raise
 
 
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary name, then rename: a reader never sees a half-written file."""
-    _write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    _write_atomic(path, lambda tmp: torch.save(obj, tmp), nbytes(obj))
 
 
 def write_text_atomic(text: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), len(text.encode()))
 
 
 def copy_config_files_atomic(source_dir: Path, out_dir: Path) -> None:
@@ -393,6 +428,7 @@ def merge_adapter(resolved: Resolved, out_dir: Path) -> Path:
         raise ConfigError(f"merging {str(resolved.adapter)!r} gives non-finite weights in {bad[:3]}; nothing written")
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_free_space(out_dir / MODEL_FILE, nbytes(merged))  # before the small files: nothing written if it fails
     copy_config_files_atomic(resolved.base_dir, out_dir)
     for name in ("prompt_style.yaml", "hyperparameters.yaml"):
         if (resolved.files_dir / name).is_file() and resolved.files_dir != out_dir:

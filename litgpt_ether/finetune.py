@@ -65,6 +65,7 @@ from litgpt_ether.checkpoint import (
     ADAPTER_FILE,
     TRAINING_STATE_FILE,
     Resolved,
+    atomic_save,
     check_adapter_fits,
     check_checkpoint_dir,
     exclusive,
@@ -853,7 +854,7 @@ def save_checkpoint(
             save_hyperparameters(setup, tmp, known_commands=["finetune"])
             save_prompt_style(data.prompt_style, tmp)
             if training_state is not None:
-                torch.save(training_state, tmp / TRAINING_STATE_FILE)
+                atomic_save(training_state, tmp / TRAINING_STATE_FILE)
             if summary is not None:
                 merge_adapter(Resolved(tmp, checkpoint_dir, tmp / ADAPTER_FILE), tmp)
                 (tmp / "summary.json").write_text(json.dumps(summary, indent=2))

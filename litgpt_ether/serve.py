@@ -9,12 +9,14 @@ The HTTP side is LitServe's OpenAI spec (``/v1/chat/completions``, streaming) wi
 are batched by LitServe whatever adapters they name, and decoded together with a KV cache per row.
 """
 
+import json
+import logging
 import math
 import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -48,6 +50,8 @@ from litgpt_ether.checks import (
     check_devices,
     check_number,
     check_numbers,
+    check_temperature,
+    compute_dtype,
     quantization,
     require_extra,
 )
@@ -63,12 +67,14 @@ from litgpt_ether.ether import (
 from litgpt_ether.generate import check_fits
 
 try:  # the `serve` extra; without it the verb stops with one line naming the extra
-    from fastapi import BackgroundTasks
+    from fastapi import BackgroundTasks, HTTPException
+    from fastapi.responses import JSONResponse
     from litserve import LitAPI, OpenAISpec
     from litserve.specs.openai import ChatCompletionRequest
+    from litserve.utils import LitAPIStatus
 except ImportError:
     LitAPI = OpenAISpec = object
-    BackgroundTasks = ChatCompletionRequest = Any
+    BackgroundTasks = ChatCompletionRequest = HTTPException = JSONResponse = LitAPIStatus = Any
 
 BASE = "base"  # the model name that asks for no adapter
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")
@@ -396,15 +402,32 @@ def _ended_by(tokens: list[int], stops: tuple[list[int], ...]) -> int:
     return next((len(s) for s in stops if s and tokens[-len(s) :] == s), 0)
 
 
+class RowFailed(RuntimeError):
+    """A request that cannot go on (its logits became NaN or infinite): it ends alone, the batch goes on."""
+
+
+def _failure(logits: torch.Tensor, request: Request, token: int) -> RowFailed:
+    """What ended a row: its logits, or (finite logits) its temperature, which divides them past the dtype's range."""
+    message = f"this request's logits became non-finite (NaN or inf) at token {token}"
+    if bool(torch.isfinite(logits).all()):
+        message += (f" once divided by its temperature {request.temperature:g}, which overflows them: use a larger"
+                    " temperature, or 0 for greedy decoding")  # fmt: skip
+    return RowFailed(message)
+
+
 @torch.inference_mode()
-def decode(model: GPT, rows: Rows, requests: Sequence[Request]) -> Iterator[list[list[int]]]:
-    """Decode every request together; after each step, yield the tokens each request may now send (often none).
+def decode(model: GPT, rows: Rows, requests: Sequence[Request]) -> Iterator[list[list[int] | RowFailed]]:
+    """Decode every request together; after each step, yield per request the tokens it may now send (often none),
+    or the ``RowFailed`` that ends it.
 
     Prompts are right-padded into one prefill: a row's padding sits after its prompt, so the causal mask hides it,
     and each row's first generated token overwrites its cache at the padding's first position before any query
     can see it. Then every active row decodes one token per step at its own position. Rows finish independently
     (stop sequence, as ``litgpt generate``: never sent; or ``max_new_tokens``) and leave the batch, their cache
     rows with them. A request's tokens equal those of a batch of one.
+
+    A row whose logits, divided by its temperature, are not all finite would make sampling raise (``multinomial``)
+    for the whole batch: it fails alone instead, before sampling, and leaves the batch as a finished row does.
     """
     device = model.transformer.wte.weight.device
     lengths = [r.prompt.numel() for r in requests]
@@ -421,14 +444,22 @@ def decode(model: GPT, rows: Rows, requests: Sequence[Request]) -> Iterator[list
 
     active = list(range(len(requests)))  # request index of each batch row
     positions = torch.tensor(lengths, device=device)[:, None]
+    # what sampling divides each row's logits by (greedy rows: 1), in their dtype, as litgpt's ``sample`` does
+    scales = torch.tensor([r.temperature if r.temperature > 0 and r.top_p > 0 else 1.0 for r in requests],
+                          dtype=logits.dtype, device=device)  # fmt: skip
     generated: list[list[int]] = [[] for _ in requests]
     sent = [0] * len(requests)
     while active:
-        news: list[list[int]] = [[] for _ in requests]
+        news: list[list[int] | RowFailed] = [[] for _ in requests]
         keep = []
-        picked = logits.argmax(-1).tolist()  # greedy rows (litgpt's ``sample`` with temperature or top_p 0), at once
+        # greedy rows' tokens (litgpt's ``sample`` with temperature or top_p 0) and every row's check, in one copy
+        finite = torch.isfinite(logits / scales[:, None]).all(-1)
+        picked, sound = torch.stack([logits.argmax(-1), finite.long()]).tolist()
         for b, i in enumerate(active):
             r = requests[i]
+            if not sound[b]:
+                news[i] = _failure(logits[b], r, len(generated[i]) + 1)
+                continue
             if r.temperature > 0 and r.top_p > 0:
                 picked[b] = int(sample(logits[b][None, None], r.temperature, r.top_k, r.top_p))
             tokens = generated[i]
@@ -446,7 +477,7 @@ def decode(model: GPT, rows: Rows, requests: Sequence[Request]) -> Iterator[list
                 cache = block.attn.kv_cache
                 cache.k, cache.v = cache.k[index], cache.v[index]
             rows.set(rows.index[index])
-            positions = positions[index]
+            positions, scales = positions[index], scales[index]
             active = [active[b] for b in keep]
         if not active:
             break
@@ -460,6 +491,11 @@ def decode(model: GPT, rows: Rows, requests: Sequence[Request]) -> Iterator[list
 # Requests: checked in the HTTP process, before they are queued, so a bad one never spoils the batch it would join.
 
 
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """An OpenAI error response's body: what OpenAI clients parse into their exception."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 class RequestError(ValueError):
     """A request the server refuses, with its HTTP status and the OpenAI error fields."""
 
@@ -469,7 +505,7 @@ class RequestError(ValueError):
 
     def body(self) -> dict[str, Any]:
         kind = "not_found_error" if self.status == 404 else "invalid_request_error"
-        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+        return error_body(str(self), kind, self.param, self.code)
 
 
 def _text(content: Any) -> str:
@@ -494,13 +530,14 @@ class Options:
     temperature: float
     top_k: int | None
     top_p: float
+    dtype: torch.dtype  # the logits' (``compute_dtype``): what a temperature must not overflow
 
     def request(self, chat: Any) -> Request:
         """The ``Request`` for an OpenAI ``ChatCompletionRequest``, or a ``RequestError`` saying what is wrong.
 
         The last message is the prompt (a user message), wrapped in the adapter's prompt style, with the system
         messages as its system prompt; earlier turns are not part of it (as in ``litgpt_ether chat``). Sampling
-        options the request leaves out take the server's defaults.
+        options the request leaves out (or sets to null) take the server's defaults.
         """
         if chat.model not in self.prompt_styles:
             known = ", ".join(repr(n) for n in [BASE, *self.names])
@@ -513,7 +550,7 @@ class Options:
             raise RequestError(
                 400, "stop sequences are not supported: the prompt style's own stop tokens apply", "stop"
             )
-        given = chat.model_fields_set
+        given = {f for f in chat.model_fields_set if getattr(chat, f) is not None}  # null: the server's default
         asked = [f for f in ("max_completion_tokens", "max_tokens") if getattr(chat, f) is not None]  # 0 included
         values = {
             "max_new_tokens": getattr(chat, asked[0]) if asked else self.max_new_tokens,
@@ -526,6 +563,10 @@ class Options:
             except ConfigError as err:
                 field = asked[0] if name == "max_new_tokens" and asked else name  # the request's own name for it
                 raise RequestError(400, str(err).replace(name, field, 1), field) from None
+        try:
+            check_temperature(values["temperature"], self.dtype)
+        except ConfigError as err:
+            raise RequestError(400, str(err), "temperature") from None
         system = "\n".join(_text(m.content) for m in chat.messages if m.role == "system") or None
         style = self.prompt_styles[chat.model]
         prompt = self.tokenizer.encode(style.apply(_text(chat.messages[-1].content), sys_prompt=system))
@@ -538,11 +579,32 @@ class Options:
                        style.stop_tokens(self.tokenizer))  # fmt: skip
 
 
+async def _failing(pipe: AsyncIterator[tuple[Any, Any]]) -> AsyncIterator[tuple[Any, Any]]:
+    """A request's responses, where one that carries an ``error`` (``AdapterAPI.predict``: the request failed alone,
+    its batch went on) becomes LitServe's own error status, and ends it."""
+    async for response, status in pipe:
+        if status == LitAPIStatus.OK and "error" in (message := json.loads(response)):
+            yield HTTPException(500, message["error"]), LitAPIStatus.ERROR
+            return
+        yield response, status
+
+
+class _NoTraceback(logging.Filter):
+    """Logs a failed request (an ``HTTPException``, the client's answer) in one line: its traceback would only show
+    LitServe's streaming code."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], HTTPException):
+            record.exc_info = record.exc_text = None
+        return True
+
+
 class AdapterSpec(OpenAISpec):
     """LitServe's OpenAI spec, checking each request before it is queued and listing the models at ``/v1/models``.
 
     Also ends each streamed error event with a blank line, as SSE requires (LitServe 0.2.19 does not, and clients
-    then read an error as an empty, successful stream).
+    then read an error as an empty, successful stream), and answers a request that failed while its batch went on
+    with an OpenAI error: a 500, or a streamed error event in place of the stream's end.
     """
 
     def __init__(self, options: Options) -> None:
@@ -552,20 +614,25 @@ class AdapterSpec(OpenAISpec):
     def pre_setup(self, lit_api: Any) -> None:
         super().pre_setup(lit_api)
         self.add_endpoint("/v1/models", self.list_models, ["GET"])
+        logging.getLogger(OpenAISpec.__module__).addFilter(_NoTraceback())  # before LitServe forks the HTTP process
 
     async def list_models(self) -> dict[str, Any]:
         names = [BASE, *self.options.names]
         return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "litgpt-ether"} for n in names]}
 
+    async def get_from_queues(self, uids: list[Any]) -> list[AsyncIterator[tuple[Any, Any]]]:
+        return [_failing(pipe) for pipe in await super().get_from_queues(uids)]
+
     async def chat_completion(self, request: ChatCompletionRequest, background_tasks: BackgroundTasks) -> Any:
         # FastAPI reads the request body's schema from these annotations
-        from fastapi.responses import JSONResponse
-
         try:
             self.options.request(request)
         except RequestError as err:
             return JSONResponse(status_code=err.status, content=err.body())
-        return await super().chat_completion(request, background_tasks)
+        try:
+            return await super().chat_completion(request, background_tasks)
+        except HTTPException as err:  # not streamed (a stream ends in an error event); FastAPI's body is no OpenAI one
+            return JSONResponse(status_code=err.status_code, content=error_body(err.detail, "server_error"))
 
     async def streaming_completion(self, request: ChatCompletionRequest, pipe_responses: list) -> Any:
         async for line in super().streaming_completion(request, pipe_responses):
@@ -598,14 +665,18 @@ class AdapterAPI(LitAPI):
         return self.options.request(request)
 
     def predict(self, inputs: Any) -> Iterator[Any]:
-        """Per step, each request's new text (None when it has none: finished, or mid-character), then its usage."""
+        """Per step, each request's new text (None when it has none: finished, failed, or mid-character), then its
+        usage. A request that failed gets a message with an ``error`` once (``AdapterSpec`` answers it with that)."""
         batched = isinstance(inputs, list)
         requests = inputs if batched else [inputs]
         tokens: list[list[int]] = [[] for _ in requests]
         texts = [""] * len(requests)
         for news in decode(self.model, self.rows, requests):
-            deltas: list[str | None] = []
+            deltas: list[str | dict[str, str] | None] = []
             for i, new in enumerate(news):
+                if isinstance(new, RowFailed):  # a message LitServe's OpenAI spec passes on whole
+                    deltas.append({"role": "assistant", "content": "", "error": str(new)})
+                    continue
                 tokens[i] += new
                 text = self.options.tokenizer.decode(torch.tensor(tokens[i], dtype=torch.long)) if new else texts[i]
                 ready = text.startswith(texts[i]) and not text.endswith("\ufffd")  # whole characters only
@@ -714,13 +785,19 @@ def main(
 
     check_checkpoint_dir(checkpoint_dir)
     check_devices(accelerator, devices)
-    loaded = load_adapters(checkpoint_dir, adapters)
-    quantization(quantize, precision, training=False, accelerator=accelerator)  # refuses what cannot run, now
-    port_free(host, port)
+    # refused before anything loads: a quantization that cannot run, a temperature the logits' dtype cannot divide
+    # by, a context with no room for a prompt
+    dtype = compute_dtype(*quantization(quantize, precision, training=False, accelerator=accelerator))
+    check_temperature(temperature, dtype)
     config = read_model_config(checkpoint_dir / "model_config.yaml")
+    if max_new_tokens >= config.block_size:
+        raise ConfigError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of"
+                          f" {config.block_size} tokens: lower it")  # fmt: skip
+    loaded = load_adapters(checkpoint_dir, adapters)
+    port_free(host, port)
     styles = {BASE: read_prompt_style(checkpoint_dir, config), **{a.name: a.prompt_style for a in loaded}}
     options = Options([a.name for a in loaded], styles, load_tokenizer(checkpoint_dir), config.block_size,
-                      max_new_tokens, temperature, top_k, top_p)  # fmt: skip
+                      max_new_tokens, temperature, top_k, top_p, dtype)  # fmt: skip
     batching = {"max_batch_size": max_batch_size, "batch_timeout": batch_timeout if max_batch_size > 1 else 0.0}
     api = AdapterAPI(checkpoint_dir, adapters, options, precision, quantize, spec=AdapterSpec(options), **batching)
     server = LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=1, timeout=False)

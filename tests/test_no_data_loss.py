@@ -1,8 +1,11 @@
 """Never lose a user's work: every input is checked before anything is deleted or overwritten, and outputs that
 cannot be written are refused before training starts. Each test here failed on the code before these checks."""
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import yaml
 from conftest import TINY_PRESET, finetune_args, run_main
 from test_catalogue import tree, truncate
 
-from litgpt_ether.checkpoint import ADAPTER_FILE, MODEL_FILE, load_model, resolve
+from litgpt_ether.checkpoint import ADAPTER_FILE, LOCK_FILE, MODEL_FILE, load_model, resolve
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -68,7 +71,8 @@ def test_overwrite_deletes_the_old_run_once_the_new_one_has_saved(checkpoint_dir
     result = run_main(*finetune_args(checkpoint_dir, dataset_path, previous_run, "--train.max_steps", "4",
                                      "--train.save_interval", "4", "--overwrite", "true", "--seed", "7"))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in previous_run.iterdir() if p.name != "logs") == ["final", "step-000004"]
+    assert sorted(p.name for p in previous_run.iterdir() if p.name not in ("logs", LOCK_FILE)) == [
+        "final", "step-000004"]  # fmt: skip
     assert (previous_run / "final" / ADAPTER_FILE).read_bytes() != old_adapter
 
 
@@ -164,7 +168,7 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_one(tmp_path
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Path, "write_text", failing_write)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(checkpoint.DiskFull, match=f"no space left for {str(path)!r}: it needs about 3 bytes"):
         checkpoint.write_text_atomic("new", path)
     monkeypatch.undo()
     assert names == [f".results.json.{os.getpid()}.tmp"]
@@ -172,3 +176,156 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_one(tmp_path
     with pytest.raises(AttributeError):  # torch.save failing on an object it cannot pickle: the same
         checkpoint.atomic_save({"f": lambda: None}, tmp_path / "state.pth")
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_a_stopped_writers_leftovers_are_removed_the_next_time_its_directory_is_written(tmp_path, capfd):
+    """A SIGKILLed save leaves ``.<name>.<pid>.partial`` (or ``.tmp``); the next save there removes it, saying so, and
+    leaves a live process's alone."""
+    from litgpt_ether import checkpoint
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(done.stdout), os.getppid()  # a process that has ended, and one that runs
+    leftovers = [tmp_path / f".step-000002.{dead}.partial", tmp_path / f".step-000002.{dead}.old"]
+    kept = [tmp_path / f".step-000002.{alive}.partial", tmp_path / f".state.pth.{alive}.tmp"]
+    for d in leftovers + kept[:1]:
+        d.mkdir()
+        (d / "lit_model.pth.ether").write_text("half")
+    (tmp_path / f".state.pth.{dead}.tmp").write_text("half")
+    kept[1].write_text("half")
+    with checkpoint.staged_dir(tmp_path / "step-000002") as staged:
+        assert staged.name == f".step-000002.{os.getpid()}.partial"
+        checkpoint.atomic_save({"x": torch.ones(2)}, staged / "state.pth")
+    checkpoint.atomic_save({"x": torch.ones(2)}, tmp_path / "state.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["step-000002", "state.pth", *(p.name for p in kept)])
+    err = capfd.readouterr().err
+    assert all(f"Removed {str(p)!r}, left by process {dead}" in err for p in leftovers)
+
+
+def concurrently(*commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Start every command at once (fresh processes, as two users would) and wait for all."""
+    processes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=600), p.stdout.read(), p.stderr.read())
+            for p in processes]  # fmt: skip
+
+
+def one_refused(results: list[subprocess.CompletedProcess], refusals: tuple[str, ...]) -> int:
+    """Exactly one of ``results`` succeeded (its index is returned) and the other was refused in one line."""
+    codes = [r.returncode for r in results]
+    assert sorted(codes)[0] == 0 and codes.count(0) == 1, [r.stderr[-2000:] for r in results]
+    winner = codes.index(0)
+    loser = results[1 - winner]
+    assert "Traceback" not in loser.stderr, loser.stderr[-3000:]
+    last = loser.stderr.strip().splitlines()[-1]
+    assert last.startswith("litgpt_ether: error: ") and any(r in last for r in refusals), last
+    return winner
+
+
+def test_two_finetunes_into_one_out_dir_one_proceeds_and_the_run_is_its_alone(checkpoint_dir, dataset_path, tmp_path):
+    """Started together with different seeds: one takes the out_dir's lock, the other is refused (by the lock, or,
+    if it comes later, by the run it finds); every checkpoint belongs to the one that ran."""
+    out_dir = tmp_path / "out"
+    commands = [[sys.executable, "-m", "litgpt_ether", *finetune_args(checkpoint_dir, dataset_path, out_dir, *SHORT,
+                                                                       "--seed", str(seed))]
+                for seed in (11, 22)]  # fmt: skip
+    results = concurrently(*commands)
+    winner = one_refused(results, ("is being written by process", "already holds a run"))
+    seed = (11, 22)[winner]
+    assert yaml.safe_load((out_dir / "final" / "hyperparameters.yaml").read_text())["seed"] == seed
+    steps = sorted(out_dir.glob("step-*"))
+    assert [d.name for d in steps] == ["step-000001", "step-000002", "step-000003"]
+    for step in steps:
+        state = torch.load(step / "training_state.pth", weights_only=True)
+        assert state["run"]["seed"] == seed
+        assert yaml.safe_load((step / "hyperparameters.yaml").read_text())["seed"] == seed
+    assert not [p.name for p in out_dir.iterdir() if p.name.endswith((".partial", ".tmp", ".old"))]
+
+
+def test_two_merges_into_one_out_dir_one_proceeds_and_the_result_is_its_alone(finetune_out, tmp_path):
+    out_dir = tmp_path / "merged"
+    sources = [finetune_out / "step-000020", finetune_out / "final" / ADAPTER_FILE]
+    results = concurrently(*([sys.executable, "-m", "litgpt_ether", "merge", str(s), "--out_dir", str(out_dir)]
+                             for s in sources))  # fmt: skip
+    winner = one_refused(results, ("is being written by process", "is not empty"))
+    expected = load_model(resolve(sources[winner], prefer_adapter=True))
+    from litgpt_ether.ether import merge_ether
+
+    merged = torch.load(out_dir / MODEL_FILE, weights_only=True)
+    for key, value in merge_ether(expected).state_dict().items():
+        torch.testing.assert_close(merged[key], value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no partial or old directory beside it
+    assert not [p.name for p in out_dir.iterdir() if p.name.endswith((".partial", ".tmp"))]
+
+
+# --------------------------------------------------------------------------------------------------
+# A full disk: a tmpfs of a chosen size, in a private mount namespace (``unshare``), where the test can make one
+
+IN_TMPFS = """
+import json, subprocess, sys
+from pathlib import Path
+mount, out, commands = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+setup = commands.pop(0)  # shell lines that fill the tmpfs first
+subprocess.run(setup, shell=True, check=True)
+results = []
+for command in commands:
+    done = subprocess.run([sys.executable, "-m", "litgpt_ether", *command], capture_output=True, text=True)
+    results.append({"code": done.returncode, "stderr": done.stderr})
+files = {str(p.relative_to(mount)): p.stat().st_size for p in sorted(mount.rglob("*")) if p.is_file()}
+out.write_text(json.dumps({"results": results, "files": files}))
+"""
+
+
+def in_tmpfs(tmp_path: Path, size: int, setup: str, *commands: list[str]) -> dict:
+    """Run ``litgpt_ether`` commands with a tmpfs of ``size`` bytes at ``tmp_path/disk`` (after the shell ``setup``);
+    their exit codes and stderr, and every file left on the tmpfs with its size. Skipped where no tmpfs can be
+    mounted (no ``unshare``, or user namespaces disallowed)."""
+    mount, out = tmp_path / "disk", tmp_path / "in-tmpfs.json"
+    mount.mkdir()
+    unshare = shutil.which("unshare")
+    probe = unshare and subprocess.run([unshare, "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mount}"],
+                                       capture_output=True)  # fmt: skip
+    if not probe or probe.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (unshare -rm and mount -t tmpfs)")
+    script = tmp_path / "in_tmpfs.py"
+    script.write_text(IN_TMPFS)
+    shell = f'mount -t tmpfs -o size={size} tmpfs "$1" && exec "$2" "$3" "$1" "$4" "$5"'
+    args = json.dumps([setup, *commands])
+    subprocess.run([unshare, "-rm", "sh", "-c", shell, "sh", str(mount), sys.executable, str(script), str(out), args],
+                   check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
+    return json.loads(out.read_text())
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_bytes_and_leaves_nothing_half_written(finetune_out, tmp_path):
+    """``merge --out_dir`` onto a disk too small for the weights, and in place beside an adapter on a full disk: one
+    line each, and the disk holds what it held before."""
+    step = finetune_out / "step-000020"
+    adapter_files = {p.name: p.stat().st_size for p in step.iterdir()}
+    size = (sum(adapter_files.values()) // 4096 + len(adapter_files) + 8) * 4096  # the step dir and 8 pages more
+    got = in_tmpfs(tmp_path, size, f"cp -r {step} {tmp_path / 'disk'}/step",
+                   ["merge", str(step), "--out_dir", str(tmp_path / "disk" / "merged")],
+                   ["merge", str(tmp_path / "disk" / "step")])  # fmt: skip
+    for result in got["results"]:
+        assert result["code"] == 1 and "Traceback" not in result["stderr"], result["stderr"][-3000:]
+        last = result["stderr"].strip().splitlines()[-1]
+        assert last.startswith("litgpt_ether: error: no space left for ") and "lit_model.pth': it needs about" in last
+        assert "bytes and" in last and "nothing was written" in last
+    assert got["files"] == {f"step/{name}": size for name, size in adapter_files.items()}
+
+
+def test_a_finetune_that_fills_the_disk_stops_in_one_line_keeping_its_checkpoints(checkpoint_dir, dataset_path,
+                                                                                 previous_run, tmp_path):  # fmt: skip
+    """Room for the step checkpoints but not for the final merged weights: the run stops in one line, every step
+    checkpoint intact (equal to those of the same run on a large disk) and no partial directory left."""
+    pages = lambda d: sum(-(-p.stat().st_size // 4096) * 4096 for p in d.rglob("*") if p.is_file())  # noqa: E731
+    steps = sum(pages(d) for d in previous_run.glob("step-*")) + pages(previous_run / "logs")
+    size = steps + pages(previous_run / "final") // 2 + 4 * 4096
+    out_dir = tmp_path / "disk" / "run"
+    got = in_tmpfs(tmp_path, size, "true", finetune_args(checkpoint_dir, dataset_path, out_dir, *SHORT))
+    (result,) = got["results"]
+    assert result["code"] == 1 and "Traceback" not in result["stderr"], result["stderr"][-3000:]
+    last = result["stderr"].strip().splitlines()[-1]
+    assert last.startswith("litgpt_ether: error: no space left for ") and "final" in last, last
+    left = {Path(name).parts[1] for name in got["files"]}
+    assert left == {"step-000001", "step-000002", "step-000003", "logs"}, left
+    for step in ("step-000001", "step-000002", "step-000003"):
+        names = {Path(n).name for n in got["files"] if Path(n).parts[1] == step}
+        assert names == {p.name for p in (previous_run / step).iterdir()}

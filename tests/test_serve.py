@@ -5,6 +5,8 @@ The decoding tests run the batch engine in this process; the HTTP tests start th
 """
 
 import contextlib
+import dataclasses
+import json
 import os
 import signal
 import socket
@@ -27,7 +29,8 @@ from litgpt.utils import save_config
 from make_tiny import make_checkpoint
 
 from litgpt_ether.__main__ import adapters_as_list
-from litgpt_ether.checkpoint import load_model, resolve, save_adapter
+from litgpt_ether.checkpoint import load_adapter, load_model, resolve, save_adapter
+from litgpt_ether.checks import check_temperature
 from litgpt_ether.ether import (
     GPT,
     Config,
@@ -37,7 +40,7 @@ from litgpt_ether.ether import (
     reflect_through,
     weight_units,
 )
-from litgpt_ether.serve import Request, Rows, RowsKVCache, build_model, decode, load_adapters
+from litgpt_ether.serve import Request, RowFailed, Rows, RowsKVCache, build_model, decode, load_adapters
 
 # Every kind of adapter the server mixes: methods, sides, block counts (1, 2, 4: a table of gcd 1) and targets
 ADAPTERS = {
@@ -152,11 +155,15 @@ def alone(model: litgpt.model.GPT, request: Request) -> list[int]:
     return tokens
 
 
-def served(model: GPT, rows: Rows, requests: list[Request]) -> list[list[int]]:
-    tokens: list[list[int]] = [[] for _ in requests]
+def served(model: GPT, rows: Rows, requests: list[Request]) -> list[list[int] | RowFailed]:
+    """Each request's tokens, or the ``RowFailed`` that ended it (its row yields nothing after that)."""
+    tokens: list[list[int] | RowFailed] = [[] for _ in requests]
     for news in decode(model, rows, requests):
         for i, new in enumerate(news):
-            tokens[i] += new
+            if isinstance(new, RowFailed):
+                tokens[i] = new
+            elif new:
+                tokens[i] += new
     return tokens
 
 
@@ -220,6 +227,60 @@ def test_sampled_rows_decode_from_their_own_adapter(served_family):
     assert all(len(t) <= 5 for t in sampled) and sampled != greedy
 
 
+def test_a_row_whose_logits_become_nan_fails_alone_and_the_others_decode_as_alone(served_family):
+    """An adapter whose activations overflow (here: NaN vectors in one layer's table) ends its own requests; sampling
+    them would have raised for the whole batch."""
+    base, adapters, model, rows = served_family
+    requests = requests_for(base, list(adapters))
+    failing = 2  # plus-two-sided-n4's table row
+    table = model.transformer.h[0].attn.proj.ether_in.table  # every row of every batch passes through it
+    kept = table[failing].clone()
+    table[failing] = float("nan")
+    try:
+        mixed = served(model, rows, requests)
+        expected = [served(model, rows, [r])[0] for r in requests]
+    finally:
+        table[failing] = kept  # the fixture is shared by the module
+    for request, got, want in zip(requests, mixed, expected, strict=True):
+        if request.row == failing:
+            assert isinstance(got, RowFailed) and isinstance(want, RowFailed)
+            assert "non-finite (NaN or inf) at token 1" in str(got) and "temperature" not in str(got)
+        else:
+            assert got == want and not isinstance(got, RowFailed)
+    assert sum(isinstance(t, RowFailed) for t in mixed) == len(PROMPTS)
+    assert sum(len(t) for t in mixed if not isinstance(t, RowFailed)) > len(requests)  # the others got content
+
+
+def first_logits(model: GPT, rows: Rows, request: Request) -> torch.Tensor:
+    """The logits a request's first token is drawn from (computed without a KV cache)."""
+    rows.set(torch.tensor([request.row]))
+    model.max_seq_length = model.config.block_size
+    with torch.inference_mode():
+        return model(request.prompt[None])[0, -1]
+
+
+def test_a_temperature_that_overflows_its_rows_logits_fails_that_row_alone(served_family):
+    """A temperature the request check lets through (its reciprocal is finite in float32) can still divide the
+    logits past float32's range: that row fails; greedy and sampled rows beside it decode as without it."""
+    base, adapters, model, rows = served_family
+    greedy = requests_for(base, list(adapters))[: len(adapters) + 1]  # the first prompt on every row
+    sampled = [dataclasses.replace(r, temperature=1.5) for r in greedy]
+    tiny = dataclasses.replace(greedy[0], temperature=3e-39)
+    check_temperature(tiny.temperature, torch.float32)  # accepted when the request arrives
+    assert not torch.isfinite(first_logits(model, rows, tiny) / tiny.temperature).all()  # logits above ~1.02
+
+    torch.manual_seed(0)
+    got = served(model, rows, [*greedy, tiny, *sampled])
+    torch.manual_seed(0)
+    without = served(model, rows, [*greedy, *sampled])
+    failed = got.pop(len(greedy))
+    assert isinstance(failed, RowFailed) and "at token 1 once divided by its temperature 3e-39" in str(failed)
+    assert got == without
+    assert got[: len(greedy)] == [served(model, rows, [r])[0] for r in greedy]
+    assert got[len(greedy) :] != got[: len(greedy)]  # the sampled rows did sample
+    assert isinstance(served(model, rows, [tiny])[0], RowFailed)
+
+
 def test_cli_argument_forms_of_adapters():
     assert adapters_as_list(["serve", "b", "--adapters", "x=1", "y=2", "--port", "9"]) == [
         "serve", "b", "--adapters", '["x=1", "y=2"]', "--port", "9"]  # fmt: skip
@@ -260,6 +321,13 @@ def test_adapters_that_cannot_be_served_are_refused_naming_them(two_adapters, tm
     assert "reserved" in one_line_error(str(base), "--adapters", f"base={adapters['ether-qv-n2']}")
     assert "twice" in one_line_error(str(base), "--adapters", good, good)
     assert "holds no ETHER adapter" in one_line_error(str(base), "--adapters", f"b={base}")
+    diverged = make_adapter(base, tmp_path / "diverged", 0, **ADAPTERS["ether-qv-n2"])
+    state = {k: v.clone() for k, v in load_adapter(diverged / "lit_model.pth.ether")[0].items()}
+    state[next(k for k in state if k.endswith(".u"))].view(-1)[0] = float("nan")
+    config = Config.from_file(base / "model_config.yaml", **ADAPTERS["ether-qv-n2"])
+    save_adapter(diverged / "lit_model.pth.ether", state, config)
+    error = one_line_error(str(base), "--adapters", good, f"d={diverged}")
+    assert "'d'" in error and "non-finite" in error
 
 
 def test_a_port_in_use_a_bad_host_and_missing_devices_are_refused(two_adapters):
@@ -272,6 +340,11 @@ def test_a_port_in_use_a_bad_host_and_missing_devices_are_refused(two_adapters):
         assert f"127.0.0.1:{port}" in one_line_error(str(base), "--adapters", spec, "--port", str(port))
     assert "--host" in one_line_error(str(base), "--adapters", spec, "--host", "localhost")
     assert "max_batch_size" in one_line_error(str(base), "--adapters", spec, "--max_batch_size", "0")
+    for temperature in ("1e39", "1e-39"):  # infinite, or with an infinite reciprocal, in the logits' dtype
+        assert "overflows" in one_line_error(str(base), "--adapters", spec, "--temperature", temperature)
+    block_size = Config.from_file(base / "model_config.yaml").block_size
+    no_room = one_line_error(str(base), "--adapters", spec, "--max_new_tokens", str(block_size))
+    assert f"--max_new_tokens {block_size}" in no_room and f"context of {block_size}" in no_room
     assert "--devices" in one_line_error(str(base), "--adapters", spec, "--devices", "0")
     if not torch.cuda.is_available():
         assert "no CUDA device" in one_line_error(str(base), "--adapters", spec, "--accelerator", "cuda")
@@ -416,6 +489,37 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server):
     streamed_unknown = post({"model": "nope", "messages": user, "stream": True})
     assert streamed_unknown.status_code == 404
     ok = post({"model": "base", "messages": user})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == expected_text(
+        base, None, PROMPTS[0]
+    )
+
+
+def test_a_request_that_fails_while_decoding_gets_an_openai_error_and_its_batch_goes_on(server):
+    """A temperature accepted on arrival that overflows the logits in decoding: that request gets a 500 (streamed:
+    an error event instead of the stream's end); the requests batched with it are answered as alone."""
+    url, base, adapters = server
+    post = lambda body: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    user = [{"role": "user", "content": PROMPTS[0]}]
+    jobs = [(name, prompt) for prompt in PROMPTS for name in ["base", *adapters]]
+    overflowing = {"model": "base", "messages": user, "temperature": 3e-39}  # the base's logits exceed ~1.02
+    bodies = [{"model": n, "messages": [{"role": "user", "content": p}]} for n, p in jobs]
+    bodies += [overflowing, {**overflowing, "stream": True}, {**overflowing, "temperature": 1e39}]
+    with ThreadPoolExecutor(len(bodies)) as pool:  # all at once: the failing ones share a batch with good ones
+        *good, failed, streamed, refused = pool.map(post, bodies)
+
+    paths = {"base": None, **adapters}
+    assert [r.json()["choices"][0]["message"]["content"] for r in good] == [
+        expected_text(base, paths[name], prompt) for name, prompt in jobs
+    ]
+    assert failed.status_code == 500, failed.text
+    error = failed.json()["error"]
+    assert error["type"] == "server_error" and "non-finite" in error["message"] and "3e-39" in error["message"]
+    assert streamed.status_code == 200  # the stream had started
+    events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert "non-finite" in json.loads(events[-1])["error"]["message"], streamed.text
+    assert "[DONE]" not in events and '"finish_reason":"stop"' not in streamed.text
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "temperature", refused.text
+    ok = post({"model": "base", "messages": user, "temperature": None})  # null: the server's default (greedy)
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == expected_text(
         base, None, PROMPTS[0]
     )
