@@ -15,7 +15,7 @@ from litgpt.tokenizer import Tokenizer
 pytest.importorskip("lm_eval", reason="the eval extra installs lm-eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from litgpt_ether.checkpoint import load_model, resolve  # noqa: E402
+from litgpt_ether.checkpoint import LOCK_FILE, load_model, resolve  # noqa: E402
 from litgpt_ether.evaluate import LitGPTLM, evaluate  # noqa: E402
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
@@ -241,4 +241,4 @@ def test_existing_results_are_kept_unless_overwrite(finetune_out, tmp_path):
     result = cli_evaluate(finetune_out / "final", out_dir, "--overwrite", "true")
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(json.loads((out_dir / "results.json").read_text())["results"]) == set(TASK_NAMES)
-    assert [p.name for p in out_dir.iterdir()] == ["results.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [LOCK_FILE, "results.json"]  # the lock, no temporary file
