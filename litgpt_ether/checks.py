@@ -100,7 +100,7 @@ NUMBER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # serve
     "port": (lambda v: _number(v, True) and 1024 <= v <= 65535, "an integer in [1024, 65535]"),
     "max_batch_size": at_least(1),
-    "batch_timeout": at_least(0, integer=False),
+    "max_seq_length": at_least(1),
     # evaluate
     "num_fewshot": at_least(0),
     "batch_size": at_least(1),

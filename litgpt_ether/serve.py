@@ -9,14 +9,12 @@ The HTTP side is LitServe's OpenAI spec (``/v1/chat/completions``, streaming) wi
 are batched by LitServe whatever adapters they name, and decoded together with a KV cache per row.
 """
 
-import json
-import logging
 import math
 import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -24,14 +22,10 @@ from pprint import pformat
 from typing import Any, Literal
 
 import lightning as L
-import litgpt.config
-import litgpt.model
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from litgpt.generate.base import sample
 from litgpt.prompts import PromptStyle
-from litgpt.tokenizer import Tokenizer
 
 from litgpt_ether.checkpoint import (
     MODEL_FILE,
@@ -48,13 +42,13 @@ from litgpt_ether.checks import (
     ConfigError,
     InferenceQuantize,
     check_devices,
-    check_number,
     check_numbers,
     check_temperature,
     compute_dtype,
     quantization,
     require_extra,
 )
+from litgpt_ether.engine import Engine, Rows
 from litgpt_ether.ether import (
     GPT,
     Config,
@@ -64,37 +58,18 @@ from litgpt_ether.ether import (
     reflect,
     unit_vectors,
 )
-from litgpt_ether.generate import check_fits
+from litgpt_ether.openai_api import BASE, Cancel, Job, OpenAISpec, Options, ServeLoop, Stream
 
 try:  # the `serve` extra; without it the verb stops with one line naming the extra
-    from fastapi import BackgroundTasks, HTTPException
-    from fastapi.responses import JSONResponse
-    from litserve import LitAPI, OpenAISpec
-    from litserve.specs.openai import ChatCompletionRequest
-    from litserve.utils import LitAPIStatus
+    from litserve import LitAPI
 except ImportError:
-    LitAPI = OpenAISpec = object
-    BackgroundTasks = ChatCompletionRequest = HTTPException = JSONResponse = LitAPIStatus = Any
+    LitAPI = object
 
-BASE = "base"  # the model name that asks for no adapter
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")
 
 
 # --------------------------------------------------------------------------------------------------
 # The model: every adapter's vectors in one table per reflected side.
-
-
-class Rows:
-    """Which adapter (table row) each row of the batch uses; shared by every table of a served model.
-
-    ``version`` changes with ``index``, so tables gather their rows once per batch composition, not once per step.
-    """
-
-    def __init__(self) -> None:
-        self.set(torch.zeros(1, dtype=torch.long))
-
-    def set(self, index: torch.Tensor) -> None:
-        self.index, self.version = index, object()
 
 
 class AdapterTable(nn.Module):
@@ -356,300 +331,21 @@ def build_model(base_dir: Path, adapters: Sequence[Adapter], rows: Rows) -> GPT:
 
 
 # --------------------------------------------------------------------------------------------------
-# Decoding: one batch of requests, each with its own adapter, prompt length, limits and sampling.
-
-
-@dataclass
-class Request:
-    """One completion to decode: the adapter's table row, the encoded prompt (prompt style applied) and limits."""
-
-    row: int
-    prompt: torch.Tensor
-    max_new_tokens: int
-    temperature: float
-    top_k: int | None
-    top_p: float
-    stop_tokens: tuple[list[int], ...]
-
-
-class RowsKVCache(litgpt.model.KVCache):
-    """litgpt's KV cache, writing a batch whose rows sit at different positions with one indexed assignment per buffer.
-
-    litgpt writes such a batch row by row, a Python loop of ``index_copy_``: 2·B small operations per layer and
-    decoding step (on a GPU, as many kernel launches), for the merged model as much as for the mixed one. Here a k
-    and v write of 64 rows ran 3-13x faster on a 2-core CPU (docs/benchmarks.md). ``decode`` turns the caches litgpt
-    builds into this class, which adds no state.
-    """
-
-    def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if input_pos.dim() == 1 or self.is_sliding_window:  # one position for all rows, or a ring buffer: litgpt's
-            return super().forward(input_pos, k, v)
-        self.k, self.v = self.k.to(k.dtype), self.v.to(v.dtype)  # the buffers follow the activations, as litgpt's
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # against input_pos (rows, T): each row's own
-        k_all, v_all = self.k[: k.shape[0]], self.v[: v.shape[0]]
-        k_all[rows, :, input_pos] = k.transpose(1, 2)  # indices around a slice index (rows, T, groups, size)
-        v_all[rows, :, input_pos] = v.transpose(1, 2)
-        return k_all, v_all
-
-
-def _held_back(tokens: list[int], stops: tuple[list[int], ...]) -> int:
-    """How many trailing tokens could still be the start of a stop sequence (not yet safe to send)."""
-    return max((n for s in stops for n in range(1, len(s)) if tokens[-n:] == s[:n]), default=0)
-
-
-def _ended_by(tokens: list[int], stops: tuple[list[int], ...]) -> int:
-    """The length of the stop sequence ``tokens`` ends with, or 0."""
-    return next((len(s) for s in stops if s and tokens[-len(s) :] == s), 0)
-
-
-class RowFailed(RuntimeError):
-    """A request that cannot go on (its logits became NaN or infinite): it ends alone, the batch goes on."""
-
-
-def _failure(logits: torch.Tensor, request: Request, token: int) -> RowFailed:
-    """What ended a row: its logits, or (finite logits) its temperature, which divides them past the dtype's range."""
-    message = f"this request's logits became non-finite (NaN or inf) at token {token}"
-    if bool(torch.isfinite(logits).all()):
-        message += (f" once divided by its temperature {request.temperature:g}, which overflows them: use a larger"
-                    " temperature, or 0 for greedy decoding")  # fmt: skip
-    return RowFailed(message)
-
-
-@torch.inference_mode()
-def decode(model: GPT, rows: Rows, requests: Sequence[Request]) -> Iterator[list[list[int] | RowFailed]]:
-    """Decode every request together; after each step, yield per request the tokens it may now send (often none),
-    or the ``RowFailed`` that ends it.
-
-    Prompts are right-padded into one prefill: a row's padding sits after its prompt, so the causal mask hides it,
-    and each row's first generated token overwrites its cache at the padding's first position before any query
-    can see it. Then every active row decodes one token per step at its own position. Rows finish independently
-    (stop sequence, as ``litgpt generate``: never sent; or ``max_new_tokens``) and leave the batch, their cache
-    rows with them. A request's tokens equal those of a batch of one.
-
-    A row whose logits, divided by its temperature, are not all finite would make sampling raise (``multinomial``)
-    for the whole batch: it fails alone instead, before sampling, and leaves the batch as a finished row does.
-    """
-    device = model.transformer.wte.weight.device
-    lengths = [r.prompt.numel() for r in requests]
-    model.max_seq_length = max(n + r.max_new_tokens for n, r in zip(lengths, requests))
-    model.set_kv_cache(batch_size=len(requests), device=device)
-    for block in model.transformer.h:
-        block.attn.kv_cache.__class__ = RowsKVCache
-    prompts = torch.zeros(len(requests), max(lengths), dtype=torch.long, device=device)
-    for i, r in enumerate(requests):
-        prompts[i, : lengths[i]] = r.prompt
-    rows.set(torch.tensor([r.row for r in requests], device=device))
-    logits = model(prompts, torch.arange(prompts.shape[1], device=device), input_pos_maxp1=prompts.shape[1])
-    logits = logits[torch.arange(len(requests), device=device), torch.tensor(lengths, device=device) - 1]
-
-    active = list(range(len(requests)))  # request index of each batch row
-    positions = torch.tensor(lengths, device=device)[:, None]
-    # what sampling divides each row's logits by (greedy rows: 1), in their dtype, as litgpt's ``sample`` does
-    scales = torch.tensor([r.temperature if r.temperature > 0 and r.top_p > 0 else 1.0 for r in requests],
-                          dtype=logits.dtype, device=device)  # fmt: skip
-    generated: list[list[int]] = [[] for _ in requests]
-    sent = [0] * len(requests)
-    while active:
-        news: list[list[int] | RowFailed] = [[] for _ in requests]
-        keep = []
-        # greedy rows' tokens (litgpt's ``sample`` with temperature or top_p 0) and every row's check, in one copy
-        finite = torch.isfinite(logits / scales[:, None]).all(-1)
-        picked, sound = torch.stack([logits.argmax(-1), finite.long()]).tolist()
-        for b, i in enumerate(active):
-            r = requests[i]
-            if not sound[b]:
-                news[i] = _failure(logits[b], r, len(generated[i]) + 1)
-                continue
-            if r.temperature > 0 and r.top_p > 0:
-                picked[b] = int(sample(logits[b][None, None], r.temperature, r.top_k, r.top_p))
-            tokens = generated[i]
-            tokens.append(picked[b])
-            stop = _ended_by(tokens, r.stop_tokens)
-            done = stop > 0 or len(tokens) == r.max_new_tokens
-            ready = len(tokens) - stop if done else len(tokens) - _held_back(tokens, r.stop_tokens)
-            news[i], sent[i] = tokens[sent[i] : ready], max(sent[i], ready)
-            if not done:
-                keep.append(b)
-        yield news
-        if len(keep) < len(active):  # finished rows leave the batch
-            index = torch.tensor(keep, dtype=torch.long, device=device)
-            for block in model.transformer.h:
-                cache = block.attn.kv_cache
-                cache.k, cache.v = cache.k[index], cache.v[index]
-            rows.set(rows.index[index])
-            positions, scales = positions[index], scales[index]
-            active = [active[b] for b in keep]
-        if not active:
-            break
-        x = torch.tensor([[generated[i][-1]] for i in active], device=device)
-        logits = model(x, positions, input_pos_maxp1=int(positions.max()) + 1)[:, -1]
-        positions = positions + 1
-    model.clear_kv_cache()
-
-
-# --------------------------------------------------------------------------------------------------
-# Requests: checked in the HTTP process, before they are queued, so a bad one never spoils the batch it would join.
-
-
-def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    """An OpenAI error response's body: what OpenAI clients parse into their exception."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-class RequestError(ValueError):
-    """A request the server refuses, with its HTTP status and the OpenAI error fields."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.param, self.code = status, param, code
-
-    def body(self) -> dict[str, Any]:
-        kind = "not_found_error" if self.status == 404 else "invalid_request_error"
-        return error_body(str(self), kind, self.param, self.code)
-
-
-def _text(content: Any) -> str:
-    """A message's text: a string, or the text parts of a list of parts (images and audio are refused)."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    parts = [p for p in content if getattr(p, "type", None) != "text"]
-    if parts:
-        raise RequestError(400, f"only text content is supported, got a {parts[0].type!r} part", "messages")
-    return "".join(p.text for p in content)
-
-
-@dataclass
-class Options:
-    """What the server needs to turn a chat request into a ``Request``: picklable, shared by both processes."""
-
-    names: list[str]  # table rows 1..: adapter names; row 0 is ``base``
-    prompt_styles: dict[str, PromptStyle]
-    tokenizer: Tokenizer
-    block_size: int
-    max_new_tokens: int
-    temperature: float
-    top_k: int | None
-    top_p: float
-    dtype: torch.dtype  # the logits' (``compute_dtype``): what a temperature must not overflow
-
-    def request(self, chat: Any) -> Request:
-        """The ``Request`` for an OpenAI ``ChatCompletionRequest``, or a ``RequestError`` saying what is wrong.
-
-        The last message is the prompt (a user message), wrapped in the adapter's prompt style, with the system
-        messages as its system prompt; earlier turns are not part of it (as in ``litgpt_ether chat``). Sampling
-        options the request leaves out (or sets to null) take the server's defaults.
-        """
-        if chat.model not in self.prompt_styles:
-            known = ", ".join(repr(n) for n in [BASE, *self.names])
-            raise RequestError(
-                404, f"unknown model {chat.model!r}: this server has {known}", "model", "model_not_found"
-            )
-        if not chat.messages or chat.messages[-1].role != "user":
-            raise RequestError(400, "the last message must be the user's prompt", "messages")
-        if chat.stop:
-            raise RequestError(
-                400, "stop sequences are not supported: the prompt style's own stop tokens apply", "stop"
-            )
-        given = {f for f in chat.model_fields_set if getattr(chat, f) is not None}  # null: the server's default
-        asked = [f for f in ("max_completion_tokens", "max_tokens") if getattr(chat, f) is not None]  # 0 included
-        values = {
-            "max_new_tokens": getattr(chat, asked[0]) if asked else self.max_new_tokens,
-            "temperature": chat.temperature if "temperature" in given else self.temperature,
-            "top_p": chat.top_p if "top_p" in given else self.top_p,
-        }
-        for name, value in values.items():
-            try:
-                check_number(name, value)
-            except ConfigError as err:
-                field = asked[0] if name == "max_new_tokens" and asked else name  # the request's own name for it
-                raise RequestError(400, str(err).replace(name, field, 1), field) from None
-        try:
-            check_temperature(values["temperature"], self.dtype)
-        except ConfigError as err:
-            raise RequestError(400, str(err), "temperature") from None
-        system = "\n".join(_text(m.content) for m in chat.messages if m.role == "system") or None
-        style = self.prompt_styles[chat.model]
-        prompt = self.tokenizer.encode(style.apply(_text(chat.messages[-1].content), sys_prompt=system))
-        try:
-            check_fits(prompt.numel(), values["max_new_tokens"], self.block_size)
-        except ConfigError as err:
-            raise RequestError(400, str(err).replace("--max_new_tokens", "max_tokens"), "messages") from None
-        row = 0 if chat.model == BASE else self.names.index(chat.model) + 1
-        return Request(row, prompt, values["max_new_tokens"], values["temperature"], self.top_k, values["top_p"],
-                       style.stop_tokens(self.tokenizer))  # fmt: skip
-
-
-async def _failing(pipe: AsyncIterator[tuple[Any, Any]]) -> AsyncIterator[tuple[Any, Any]]:
-    """A request's responses, where one that carries an ``error`` (``AdapterAPI.predict``: the request failed alone,
-    its batch went on) becomes LitServe's own error status, and ends it."""
-    async for response, status in pipe:
-        if status == LitAPIStatus.OK and "error" in (message := json.loads(response)):
-            yield HTTPException(500, message["error"]), LitAPIStatus.ERROR
-            return
-        yield response, status
-
-
-class _NoTraceback(logging.Filter):
-    """Logs a failed request (an ``HTTPException``, the client's answer) in one line: its traceback would only show
-    LitServe's streaming code."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], HTTPException):
-            record.exc_info = record.exc_text = None
-        return True
-
-
-class AdapterSpec(OpenAISpec):
-    """LitServe's OpenAI spec, checking each request before it is queued and listing the models at ``/v1/models``.
-
-    Also ends each streamed error event with a blank line, as SSE requires (LitServe 0.2.19 does not, and clients
-    then read an error as an empty, successful stream), and answers a request that failed while its batch went on
-    with an OpenAI error: a 500, or a streamed error event in place of the stream's end.
-    """
-
-    def __init__(self, options: Options) -> None:
-        super().__init__()
-        self.options = options
-
-    def pre_setup(self, lit_api: Any) -> None:
-        super().pre_setup(lit_api)
-        self.add_endpoint("/v1/models", self.list_models, ["GET"])
-        logging.getLogger(OpenAISpec.__module__).addFilter(_NoTraceback())  # before LitServe forks the HTTP process
-
-    async def list_models(self) -> dict[str, Any]:
-        names = [BASE, *self.options.names]
-        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "litgpt-ether"} for n in names]}
-
-    async def get_from_queues(self, uids: list[Any]) -> list[AsyncIterator[tuple[Any, Any]]]:
-        return [_failing(pipe) for pipe in await super().get_from_queues(uids)]
-
-    async def chat_completion(self, request: ChatCompletionRequest, background_tasks: BackgroundTasks) -> Any:
-        # FastAPI reads the request body's schema from these annotations
-        try:
-            self.options.request(request)
-        except RequestError as err:
-            return JSONResponse(status_code=err.status, content=err.body())
-        try:
-            return await super().chat_completion(request, background_tasks)
-        except HTTPException as err:  # not streamed (a stream ends in an error event); FastAPI's body is no OpenAI one
-            return JSONResponse(status_code=err.status_code, content=error_body(err.detail, "server_error"))
-
-    async def streaming_completion(self, request: ChatCompletionRequest, pipe_responses: list) -> Any:
-        async for line in super().streaming_completion(request, pipe_responses):
-            yield line if line.endswith("\n\n") else line + "\n\n"
+# The inference worker: the model, the engine and a text stream per job
 
 
 class AdapterAPI(LitAPI):
-    """Loads the base model and the adapter tables in the inference worker; decodes each batch together.
+    """Loads the base model and the adapter tables in the inference worker and decodes every job in one continuously
+    batched engine (``engine.Engine``); ``ServeLoop`` feeds it jobs and sends what each step gives.
 
     Constructed in the main process and pickled into the worker (LitServe spawns it): paths and options only.
     """
 
     def __init__(self, base_dir: Path, adapters: list[str], options: Options, precision: str | None,
-                 quantize: str | None, **kwargs: Any) -> None:  # fmt: skip
-        super().__init__(**kwargs)
+                 quantize: str | None, continuous: bool = True, **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(stream=True, loop=ServeLoop(), spec=OpenAISpec(options), **kwargs)
         self.base_dir, self.adapter_specs, self.options = base_dir, adapters, options
-        self.precision, self.quantize = precision, quantize
+        self.precision, self.quantize, self.continuous = precision, quantize, continuous
 
     def setup(self, device: str) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: ``stop_quietly``
@@ -657,42 +353,43 @@ class AdapterAPI(LitAPI):
         accelerator, _, index = device.partition(":")
         fabric = L.Fabric(accelerator=accelerator, devices=[int(index)] if index else 1, precision=precision,
                           plugins=plugins)  # fmt: skip
-        self.rows = Rows()
-        model = build_model(self.base_dir, load_adapters(self.base_dir, self.adapter_specs), self.rows)
-        self.model = fabric.setup_module(model)
+        rows = Rows()
+        model = fabric.setup_module(build_model(self.base_dir, load_adapters(self.base_dir, self.adapter_specs), rows))
+        self.engine = Engine(model, rows, self.max_batch_size, self.options.context, self.continuous)
+        self.streams: dict[str, Stream] = {}
 
-    def decode_request(self, request: ChatCompletionRequest) -> Request:
-        return self.options.request(request)
+    def add_request(self, uid: str, job: Job | Cancel) -> None:
+        if isinstance(job, Cancel):
+            self.engine.cancel(job.uid)
+            self.streams.pop(job.uid, None)
+            return
+        self.streams[uid] = Stream(job, self.options.tokenizer)
+        self.engine.add(uid, job.request)
 
-    def predict(self, inputs: Any) -> Iterator[Any]:
-        """Per step, each request's new text (None when it has none: finished, failed, or mid-character), then its
-        usage. A request that failed gets a message with an ``error`` once (``AdapterSpec`` answers it with that)."""
-        batched = isinstance(inputs, list)
-        requests = inputs if batched else [inputs]
-        tokens: list[list[int]] = [[] for _ in requests]
-        texts = [""] * len(requests)
-        for news in decode(self.model, self.rows, requests):
-            deltas: list[str | dict[str, str] | None] = []
-            for i, new in enumerate(news):
-                if isinstance(new, RowFailed):  # a message LitServe's OpenAI spec passes on whole
-                    deltas.append({"role": "assistant", "content": "", "error": str(new)})
-                    continue
-                tokens[i] += new
-                text = self.options.tokenizer.decode(torch.tensor(tokens[i], dtype=torch.long)) if new else texts[i]
-                ready = text.startswith(texts[i]) and not text.endswith("\ufffd")  # whole characters only
-                deltas.append(text[len(texts[i]) :] if ready and text != texts[i] else None)
-                texts[i] = text if ready else texts[i]
-            yield deltas if batched else deltas[0]
-        usage = [{"role": "assistant", "content": "", "prompt_tokens": r.prompt.numel(),
-                  "completion_tokens": len(t), "total_tokens": r.prompt.numel() + len(t)}
-                 for r, t in zip(requests, tokens)]  # fmt: skip
-        yield usage if batched else usage[0]
+    def has_capacity(self) -> bool:
+        return len(self.engine.pending) + self.engine.active() < self.max_batch_size
 
-    def encode_response(self, outputs: Iterator[Any]) -> Iterator[Any]:
-        for out in outputs:
-            batch = out if isinstance(out, list) else [out]
-            messages = [o if isinstance(o, dict) else {"role": "assistant", "content": o} for o in batch]
-            yield messages if isinstance(out, list) else messages[0]
+    def has_active_requests(self) -> bool:
+        return self.engine.has_work()
+
+    def step(self) -> list[tuple[str, dict[str, Any], bool]]:
+        """One engine step: ``(uid, output, finished)`` for every job with something to send."""
+        outputs = []
+        for event in self.engine.step():
+            stream = self.streams.get(event.uid)
+            if stream is None:  # cancelled while this step ran
+                continue
+            output, cancel = stream.update(event)
+            if cancel:
+                self.engine.cancel(event.uid)
+            if stream.done:
+                del self.streams[event.uid]
+            if output is not None:
+                outputs.append((event.uid, output, stream.done))
+        return outputs
+
+    def predict(self, x: Any) -> Any:  # LitServe requires it; ``step`` decodes
+        raise NotImplementedError
 
 
 # --------------------------------------------------------------------------------------------------
@@ -747,7 +444,8 @@ def main(
     host: str = "127.0.0.1",
     port: int = 8000,
     max_batch_size: int = 8,
-    batch_timeout: float = 0.05,
+    max_seq_length: int | None = None,
+    batching: Literal["continuous", "static"] = "continuous",
     max_new_tokens: int = 50,
     temperature: float = 0.8,
     top_k: int | None = 50,
@@ -755,10 +453,11 @@ def main(
 ) -> None:
     """Serve one base model and many ETHER adapters behind an OpenAI-compatible API, batching across adapters.
 
-    ``POST /v1/chat/completions`` (streaming or not): ``model`` names an adapter, or ``base`` for none; the last
-    message is the prompt, in that adapter's prompt style. ``GET /v1/models`` lists them. Requests are batched
-    (up to ``max_batch_size``, waiting at most ``batch_timeout`` seconds for a batch to fill) whatever adapters they
-    name, and a batch is decoded together at the cost of the base model.
+    ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming or not): ``model`` names an adapter, or
+    ``base`` for none; a chat's last message is the prompt, in that adapter's prompt style, a completion's prompt is
+    raw text. ``GET /v1/models`` lists them; ``GET /metrics`` counts requests and tokens. Requests are decoded in one
+    continuously batched engine whatever adapters they name: a request joins the running batch at its next step and
+    leaves it as soon as it ends, and a batch costs one forward pass of the base model per token.
 
     Arguments:
         checkpoint_dir: The base model's litgpt checkpoint directory.
@@ -771,8 +470,11 @@ def main(
         devices: One server worker, with its own copy of the model, per device.
         host: The address to listen on: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every interface).
         port: The port to listen on.
-        max_batch_size: The most requests decoded together.
-        batch_timeout: Seconds a batch waits to fill before it starts.
+        max_batch_size: The most sequences decoded together (one per request and choice).
+        max_seq_length: The most tokens of a prompt and its completion; the KV cache holds this many per sequence.
+            Defaults to the model's context.
+        batching: "continuous" (requests join and leave the running batch at every step) or "static" (a batch
+            starts when the previous one has ended: for comparison).
         max_new_tokens: Tokens per completion when a request sets no ``max_tokens``.
         temperature: Sampling temperature when a request sets none (0: greedy).
         top_k: Sample among the ``top_k`` most probable tokens only (None: all).
@@ -790,16 +492,20 @@ def main(
     dtype = compute_dtype(*quantization(quantize, precision, training=False, accelerator=accelerator))
     check_temperature(temperature, dtype)
     config = read_model_config(checkpoint_dir / "model_config.yaml")
-    if max_new_tokens >= config.block_size:
-        raise ConfigError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of"
-                          f" {config.block_size} tokens: lower it")  # fmt: skip
+    context = max_seq_length or config.block_size
+    if context > config.block_size:
+        raise ConfigError(f"--max_seq_length {context} is longer than the model's context ({config.block_size})")
+    if max_new_tokens >= context:
+        raise ConfigError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of"
+                          f" {context} tokens: lower it")  # fmt: skip
     loaded = load_adapters(checkpoint_dir, adapters)
     port_free(host, port)
     styles = {BASE: read_prompt_style(checkpoint_dir, config), **{a.name: a.prompt_style for a in loaded}}
-    options = Options([a.name for a in loaded], styles, load_tokenizer(checkpoint_dir), config.block_size,
-                      max_new_tokens, temperature, top_k, top_p, dtype)  # fmt: skip
-    batching = {"max_batch_size": max_batch_size, "batch_timeout": batch_timeout if max_batch_size > 1 else 0.0}
-    api = AdapterAPI(checkpoint_dir, adapters, options, precision, quantize, spec=AdapterSpec(options), **batching)
+    options = Options([a.name for a in loaded], styles, load_tokenizer(checkpoint_dir), context,
+                      config.padded_vocab_size, max_new_tokens, temperature, top_k, top_p, dtype,
+                      max_batch_size)  # fmt: skip
+    api = AdapterAPI(checkpoint_dir, adapters, options, precision, quantize, batching == "continuous",
+                     max_batch_size=max_batch_size)  # fmt: skip
     server = LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=1, timeout=False)
     for a in loaded:
         print(f"adapter {a.name!r}: {a.ether_args['ether_method']}, n = {a.ether_args['ether_nb']} ({a.path})",

@@ -939,7 +939,7 @@ def serve_cmd(
     The adapters are of the kinds the finetune ``presets`` tune (their ``ether_*`` fields: the paper's Llama-2-7B
     recipes reflect q and v, the demo's every linear of the blocks), with random vectors; request ``i`` of a batch
     uses adapter ``i mod K``. Every request decodes ``new_tokens`` greedily (no stop tokens), through the same engine
-    (``litgpt_ether.serve.decode``) for both models; prompt and decoding are both timed. Runs alternate between the
+    (``litgpt_ether.engine.Engine``) for both models; prompt and decoding are both timed. Runs alternate between the
     two models, so background load falls on both; reported: each model's median and range over ``repeats``, and the
     median and range of the ratio of each mixed run to the merged run just before it.
 
@@ -960,7 +960,8 @@ def serve_cmd(
     from litgpt.prompts import Alpaca
 
     from litgpt_ether.checkpoint import MODEL_FILE, model_from_checkpoint
-    from litgpt_ether.serve import Adapter, Request, Rows, build_model, decode
+    from litgpt_ether.engine import Engine, Request, Rows, Sampling, run_all
+    from litgpt_ether.serve import Adapter, build_model
 
     dev, dtype = resolve_device(device)
     if threads is not None:
@@ -973,16 +974,17 @@ def serve_cmd(
                             (batch_size, prompt_len), generator=generator)  # fmt: skip
 
     def requests(k: int, tokens: int) -> list[Request]:
-        return [Request(1 + i % k, prompts[i].to(dev), tokens, 0.0, None, 1.0, ()) for i in range(batch_size)]
+        return [Request(1 + i % k, prompts[i].to(dev), tokens, Sampling()) for i in range(batch_size)]
+
+    def decode(model: nn.Module, rows: Rows, batch: list[Request]) -> None:
+        run_all(Engine(model, rows, len(batch), prompt_len + max(r.max_new_tokens for r in batch)), batch)
 
     def rate(model: nn.Module, rows: Rows, k: int) -> float:
         batch = requests(k, new_tokens)  # built before the clock starts
-        for _ in decode(model, rows, batch[:2]):  # warm-up
-            pass
+        decode(model, rows, batch[:2])  # warm-up
         sync(dev)
         t0 = time.perf_counter()
-        for _ in decode(model, rows, batch):
-            pass
+        decode(model, rows, batch)
         sync(dev)
         return batch_size * new_tokens / (time.perf_counter() - t0)
 
@@ -991,8 +993,7 @@ def serve_cmd(
         counts = []
         for tokens in (2, 12):
             with torch.inference_mode(), OperatorCount() as counter:
-                for _ in decode(model, rows, requests(k, tokens)):
-                    pass
+                decode(model, rows, requests(k, tokens))
             counts.append(counter.count)
         return (counts[1] - counts[0]) / 10
 

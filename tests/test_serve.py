@@ -31,6 +31,7 @@ from make_tiny import make_checkpoint
 from litgpt_ether.__main__ import adapters_as_list
 from litgpt_ether.checkpoint import load_adapter, load_model, resolve, save_adapter
 from litgpt_ether.checks import check_temperature
+from litgpt_ether.engine import Engine, Request, Rows, RowsKVCache, Sampling, run_all
 from litgpt_ether.ether import (
     GPT,
     Config,
@@ -40,7 +41,7 @@ from litgpt_ether.ether import (
     reflect_through,
     weight_units,
 )
-from litgpt_ether.serve import Request, RowFailed, Rows, RowsKVCache, build_model, decode, load_adapters
+from litgpt_ether.serve import build_model, load_adapters
 
 # Every kind of adapter the server mixes: methods, sides, block counts (1, 2, 4: a table of gcd 1) and targets
 ADAPTERS = {
@@ -147,32 +148,30 @@ def alone(model: litgpt.model.GPT, request: Request) -> list[int]:
     """litgpt's own generation with a batch of one: what ``litgpt_ether generate`` returns."""
     model.max_seq_length = request.prompt.numel() + request.max_new_tokens
     model.set_kv_cache(batch_size=1)
-    out = generate_fn(model, request.prompt, model.max_seq_length, temperature=request.temperature,
-                      top_k=request.top_k, top_p=request.top_p, stop_tokens=request.stop_tokens,
-                      include_prompt=False, include_eos=False)  # fmt: skip
+    s = request.sampling
+    out = generate_fn(model, request.prompt, model.max_seq_length, temperature=s.temperature, top_k=s.top_k,
+                      top_p=s.top_p, stop_tokens=request.stop_tokens, include_prompt=False,
+                      include_eos=False)  # fmt: skip
     tokens = [int(t) for chunk in out for t in chunk.reshape(-1)]
     model.clear_kv_cache()
     return tokens
 
 
-def served(model: GPT, rows: Rows, requests: list[Request]) -> list[list[int] | RowFailed]:
-    """Each request's tokens, or the ``RowFailed`` that ended it (its row yields nothing after that)."""
-    tokens: list[list[int] | RowFailed] = [[] for _ in requests]
-    for news in decode(model, rows, requests):
-        for i, new in enumerate(news):
-            if isinstance(new, RowFailed):
-                tokens[i] = new
-            elif new:
-                tokens[i] += new
-    return tokens
+def served(model: GPT, rows: Rows, requests: list[Request], batch: int | None = None) -> list[list[int] | str]:
+    """Each request's tokens through the server's engine (all admitted at once unless ``batch`` is smaller), or the
+    error that ended it."""
+    return run_all(Engine(model, rows, batch or max(1, len(requests)), model.config.block_size), requests)
 
 
-def requests_for(base: Path, names: list[str], **sampling) -> list[Request]:
+def requests_for(base: Path, names: list[str], max_new_tokens: int = 6, **sampling) -> list[Request]:
     """Every adapter (row 1..) and the base (row 0) on every prompt, interleaved."""
     tokenizer, style = Tokenizer(base), Alpaca()
-    options = dict(max_new_tokens=6, temperature=0.0, top_k=None, top_p=1.0) | sampling
-    return [Request(row, tokenizer.encode(style.apply(p)), stop_tokens=style.stop_tokens(tokenizer), **options)
-            for p in PROMPTS for row in range(len(names) + 1)]  # fmt: skip
+    return [Request(row, tokenizer.encode(style.apply(p)), max_new_tokens, Sampling(**sampling),
+                    style.stop_tokens(tokenizer)) for p in PROMPTS for row in range(len(names) + 1)]  # fmt: skip
+
+
+def resampled(request: Request, **sampling) -> Request:
+    return dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, **sampling))
 
 
 @pytest.fixture(scope="module", params=["llama-mha", "llama-gqa", "neox-bias", "gemma-mqa"])
@@ -243,12 +242,12 @@ def test_a_row_whose_logits_become_nan_fails_alone_and_the_others_decode_as_alon
         table[failing] = kept  # the fixture is shared by the module
     for request, got, want in zip(requests, mixed, expected, strict=True):
         if request.row == failing:
-            assert isinstance(got, RowFailed) and isinstance(want, RowFailed)
-            assert "non-finite (NaN or inf) at token 1" in str(got) and "temperature" not in str(got)
+            assert isinstance(got, str) and isinstance(want, str)
+            assert "non-finite (NaN or inf) at token 1" in got and "temperature" not in got
         else:
-            assert got == want and not isinstance(got, RowFailed)
-    assert sum(isinstance(t, RowFailed) for t in mixed) == len(PROMPTS)
-    assert sum(len(t) for t in mixed if not isinstance(t, RowFailed)) > len(requests)  # the others got content
+            assert got == want and isinstance(got, list)
+    assert sum(isinstance(t, str) for t in mixed) == len(PROMPTS)
+    assert sum(len(t) for t in mixed if isinstance(t, list)) > len(requests)  # the others got content
 
 
 def first_logits(model: GPT, rows: Rows, request: Request) -> torch.Tensor:
@@ -264,21 +263,21 @@ def test_a_temperature_that_overflows_its_rows_logits_fails_that_row_alone(serve
     logits past float32's range: that row fails; greedy and sampled rows beside it decode as without it."""
     base, adapters, model, rows = served_family
     greedy = requests_for(base, list(adapters))[: len(adapters) + 1]  # the first prompt on every row
-    sampled = [dataclasses.replace(r, temperature=1.5) for r in greedy]
-    tiny = dataclasses.replace(greedy[0], temperature=3e-39)
-    check_temperature(tiny.temperature, torch.float32)  # accepted when the request arrives
-    assert not torch.isfinite(first_logits(model, rows, tiny) / tiny.temperature).all()  # logits above ~1.02
+    sampled = [resampled(r, temperature=1.5) for r in greedy]
+    tiny = resampled(greedy[0], temperature=3e-39)
+    check_temperature(tiny.sampling.temperature, torch.float32)  # accepted when the request arrives
+    assert not torch.isfinite(first_logits(model, rows, tiny) / tiny.sampling.temperature).all()  # above ~1.02
 
     torch.manual_seed(0)
     got = served(model, rows, [*greedy, tiny, *sampled])
     torch.manual_seed(0)
     without = served(model, rows, [*greedy, *sampled])
     failed = got.pop(len(greedy))
-    assert isinstance(failed, RowFailed) and "at token 1 once divided by its temperature 3e-39" in str(failed)
+    assert isinstance(failed, str) and "at token 1 once divided by its temperature 3e-39" in failed
     assert got == without
     assert got[: len(greedy)] == [served(model, rows, [r])[0] for r in greedy]
     assert got[len(greedy) :] != got[: len(greedy)]  # the sampled rows did sample
-    assert isinstance(served(model, rows, [tiny])[0], RowFailed)
+    assert isinstance(served(model, rows, [tiny])[0], str)
 
 
 def test_cli_argument_forms_of_adapters():
@@ -406,8 +405,7 @@ def server(two_adapters, tmp_path_factory):
     base, adapters = two_adapters
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    process = start_server(base, adapters, port, log, "--max_new_tokens", "6", "--max_batch_size", "8",
-                           "--batch_timeout", "0.2")  # fmt: skip
+    process = start_server(base, adapters, port, log, "--max_new_tokens", "6", "--max_batch_size", "8")
     try:
         yield f"http://127.0.0.1:{port}", base, adapters
     finally:
@@ -435,8 +433,8 @@ def test_ctrl_c_or_kill_stops_the_server_quietly_and_it_restarts_on_its_port_at_
 
 def expected_text(base: Path, adapter: Path | None, prompt: str, max_new_tokens: int = 6) -> str:
     tokenizer, style = Tokenizer(base), Alpaca()
-    request = Request(0, tokenizer.encode(style.apply(prompt)), max_new_tokens, 0.0, None, 1.0,
-                      style.stop_tokens(tokenizer))  # fmt: skip
+    prompt_tokens = tokenizer.encode(style.apply(prompt))
+    request = Request(0, prompt_tokens, max_new_tokens, Sampling(), style.stop_tokens(tokenizer))
     return tokenizer.decode(torch.tensor(alone(merged(base, adapter), request), dtype=torch.long))
 
 
@@ -478,7 +476,8 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server):
     unknown = post({"model": "nope", "messages": user})
     assert unknown.status_code == 404
     assert all(name in unknown.json()["error"]["message"] for name in ["base", *adapters])
-    assert post({"model": "base"}).status_code == 422  # no messages
+    missing = post({"model": "base"})  # no messages: a 400 with OpenAI's error object, as every error
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages", missing.text
     assert post({"model": "base", "messages": user, "temperature": -1}).status_code == 400
     for field in ("max_tokens", "max_completion_tokens"):
         zero = post({"model": "base", "messages": user, field: 0})
@@ -523,3 +522,167 @@ def test_a_request_that_fails_while_decoding_gets_an_openai_error_and_its_batch_
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == expected_text(
         base, None, PROMPTS[0]
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# The rest of OpenAI's API: completions, stop strings, finish reasons, seeds, log-probabilities, n, shapes
+
+
+def completion_reference(base: Path, adapter: Path | None, prompt: str, max_new_tokens: int) -> tuple[list[int], str]:
+    """What a raw-text completion must give: the merged model's greedy tokens after the prompt as the tokenizer
+    encodes it, to EOS or ``max_new_tokens``, and their text."""
+    tokenizer = Tokenizer(base)
+    request = Request(0, tokenizer.encode(prompt), max_new_tokens, Sampling(), ([tokenizer.eos_id],))
+    tokens = alone(merged(base, adapter), request)
+    return tokens, tokenizer.decode(torch.tensor(tokens, dtype=torch.long))
+
+
+@torch.no_grad()
+def reference_logprobs(base: Path, adapter: Path | None, tokens: list[int]) -> list[float]:
+    """log p(token i | tokens before i) under the merged model, for i >= 1."""
+    logprobs = torch.log_softmax(merged(base, adapter)(torch.tensor([tokens]))[0].float(), dim=-1)
+    return [float(logprobs[i - 1, t]) for i, t in enumerate(tokens) if i > 0]
+
+
+def test_completions_stop_strings_finish_reasons_and_n(server):
+    openai = pytest.importorskip("openai")
+    url, base, adapters = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    prompt, path = "reverse red green blue", adapters["plus-two-sided-n4"]
+    tokens, text = completion_reference(base, path, prompt, 6)
+    got = client.completions.create(model="plus-two-sided-n4", prompt=prompt, max_tokens=6)
+    assert got.choices[0].text == text and got.object == "text_completion"
+    assert got.choices[0].finish_reason == ("stop" if len(tokens) < 6 else "length")
+    assert got.usage.prompt_tokens == Tokenizer(base).encode(prompt).numel() and got.usage.completion_tokens == 6
+
+    words = text.split()
+    assert len(words) >= 2, text  # a stop string to find: the answer's second word
+    stopped = client.completions.create(model="plus-two-sided-n4", prompt=prompt, max_tokens=6, stop=[words[1]])
+    assert stopped.choices[0].text == text[: text.index(words[1])] and stopped.choices[0].finish_reason == "stop"
+    chat = client.chat.completions.create(
+        model="base",
+        messages=[{"role": "user", "content": PROMPTS[0]}],
+        n=3,
+        stop=["nothing like this", expected_text(base, None, PROMPTS[0])[:3]],
+    )
+    assert [c.message.content for c in chat.choices] == [""] * 3 and chat.choices[2].index == 2
+    assert {c.finish_reason for c in chat.choices} == {"stop"}
+    alone_usage = client.chat.completions.create(model="base", messages=[{"role": "user", "content": PROMPTS[0]}]).usage
+    assert chat.usage.prompt_tokens == alone_usage.prompt_tokens  # the prompt counted once for n = 3
+
+    batch = client.completions.create(model="base", prompt=[prompt, "reverse gold"], max_tokens=3, n=2)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert batch.choices[0].text == batch.choices[1].text == completion_reference(base, None, prompt, 3)[1]
+    ids = Tokenizer(base).encode("reverse gold").tolist()
+    by_ids = client.completions.create(model="base", prompt=ids, max_tokens=3)
+    assert by_ids.choices[0].text == batch.choices[2].text
+
+
+def test_seeded_sampling_repeats_alone_and_in_a_mixed_batch(server):
+    url, base, adapters = server
+    post = lambda body: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+    seeded = {"model": "ether-qv-n2", "messages": [{"role": "user", "content": PROMPTS[1]}], "temperature": 1.5,
+              "seed": 7, "max_tokens": 8}  # fmt: skip
+    first = post(seeded)["choices"][0]["message"]["content"]
+    others = [{**seeded, "model": m, "seed": None} for m in ("base", "plus-two-sided-n4")] * 3
+    with ThreadPoolExecutor(len(others) + 2) as pool:  # sent with unseeded sampled requests for other adapters
+        replies = list(pool.map(post, [seeded, *others, seeded]))
+    assert replies[0]["choices"][0]["message"]["content"] == first == replies[-1]["choices"][0]["message"]["content"]
+    different = {post({**seeded, "seed": s})["choices"][0]["message"]["content"] for s in range(8)}
+    assert len(different) > 1  # the seed matters: sampling really samples
+    three = post({**seeded, "n": 3})["choices"]
+    assert three[0]["message"]["content"] == first  # choice i samples with seed + i
+    assert len({c["message"]["content"] for c in three}) > 1
+
+
+def test_logprobs_are_the_merged_models(server):
+    openai = pytest.importorskip("openai")
+    url, base, adapters = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    path = adapters["ether-qv-n2"]
+    tokenizer = Tokenizer(base)
+    prompt_ids = tokenizer.encode(Alpaca().apply(PROMPTS[0])).tolist()
+    reply = client.chat.completions.create(model="ether-qv-n2", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                           logprobs=True, top_logprobs=2, max_tokens=4)  # fmt: skip
+    content = reply.choices[0].logprobs.content
+    generated = alone(merged(base, path), Request(1, torch.tensor(prompt_ids), 4, Sampling(),
+                                                  Alpaca().stop_tokens(tokenizer)))  # fmt: skip
+    want = reference_logprobs(base, path, prompt_ids + generated)[len(prompt_ids) - 1 :]
+    assert len(content) == len(generated) > 0
+    for entry, logprob in zip(content, want):
+        assert entry.logprob == pytest.approx(logprob, abs=1e-4)
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob == entry.logprob  # greedy: the top
+
+    # echo with max_tokens 0 (lm-eval's log-likelihood requests): every prompt token's log-probability
+    ids = tokenizer.encode("reverse red green blue", bos=False).tolist()
+    echo = client.completions.create(model="ether-qv-n2", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    logprobs = echo.choices[0].logprobs
+    assert logprobs.token_logprobs[0] is None and echo.choices[0].text == tokenizer.decode(torch.tensor(ids))
+    assert logprobs.token_logprobs[1:] == pytest.approx(reference_logprobs(base, path, ids), abs=1e-4)
+    assert all(max(top.values()) >= lp for top, lp in zip(logprobs.top_logprobs[1:], logprobs.token_logprobs[1:]))
+
+
+def sse(response: httpx.Response) -> list[dict]:
+    lines = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]", response.text
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_streams_have_one_id_the_role_first_and_usage_only_when_asked(server):
+    url, base, adapters = server
+    body = {"model": "base", "messages": [{"role": "user", "content": PROMPTS[0]}], "stream": True, "n": 2}
+    chunks = sse(httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60))
+    assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    for index in (0, 1):
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"][0]["index"] == index]
+        assert deltas[0]["role"] == "assistant" and all("role" not in d for d in deltas[1:])
+        assert "".join(d.get("content", "") for d in deltas) == expected_text(base, None, PROMPTS[0])
+    assert all("usage" not in c or c["usage"] is None for c in chunks)
+    with_usage = sse(httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                                json={**body, "stream_options": {"include_usage": True}}))  # fmt: skip
+    assert with_usage[-1]["choices"] == [] and with_usage[-1]["usage"]["completion_tokens"] > 0
+    finishes = [c["choices"][0]["finish_reason"] for c in with_usage[:-1] if c["choices"][0]["finish_reason"]]
+    assert len(finishes) == 2
+
+
+def test_models_retrieve_metrics_and_refused_fields(server):
+    openai = pytest.importorskip("openai")
+    url, base, adapters = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    assert client.models.retrieve("ether-qv-n2").id == "ether-qv-n2"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+    user = [{"role": "user", "content": PROMPTS[0]}]
+    for field, value in [("tools", [{"type": "function", "function": {"name": "f"}}]),
+                         ("response_format", {"type": "json_object"}), ("logit_bias", {"99999": 1}),
+                         ("top_logprobs", 2), ("stop", ["a", "b", "c", "d", "e"]), ("n", 0)]:  # fmt: skip
+        refused = httpx.post(f"{url}/v1/chat/completions", json={"model": "base", "messages": user, field: value})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == field, (field, refused.text)
+    suffix = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "red", "suffix": "x"})
+    assert suffix.status_code == 400 and suffix.json()["error"]["param"] == "suffix"
+    not_json = httpx.post(f"{url}/v1/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert not_json.status_code == 400 and "error" in not_json.json()
+    assert client.completions.create(model="base", prompt="red", max_tokens=1).usage.completion_tokens == 1
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'litgpt_ether_requests_total{model="base"}' in metrics and "litgpt_ether_batch_occupancy" in metrics
+    tokenized = httpx.post(f"{url}/tokenize", json={"prompt": "red green", "add_special_tokens": False}).json()
+    assert tokenized["tokens"] == Tokenizer(base).encode("red green", bos=False).tolist()
+    assert httpx.post(f"{url}/detokenize", json={"tokens": tokenized["tokens"]}).json()["prompt"] == "red green"
+
+
+def test_a_request_sent_while_a_long_one_decodes_finishes_first(server):
+    """Continuous batching: the short request joins the running batch at its next step and leaves it when done; its
+    stream closes while the long one still decodes."""
+    url, base, adapters = server
+    eos = Tokenizer(base).eos_id
+    long_body = {"model": "base", "prompt": "reverse red", "max_tokens": 100, "stream": True,
+                 "logit_bias": {str(eos): -100}}  # fmt: skip
+    with httpx.stream("POST", f"{url}/v1/completions", json=long_body, timeout=120) as long:
+        lines = long.iter_lines()
+        next(line for line in lines if line.startswith("data: "))  # the long one is decoding
+        short = httpx.post(f"{url}/v1/completions", json={"model": "ether-qv-n2", "prompt": "red", "max_tokens": 2})
+        assert short.status_code == 200 and short.json()["choices"][0]["finish_reason"] == "length"
+        running = httpx.get(f"{url}/metrics").text
+        assert "litgpt_ether_requests_running 1\n" in running  # the long one, still decoding
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
