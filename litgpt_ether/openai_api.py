@@ -176,10 +176,9 @@ def _sampling(body: dict, options: Options, logprobs: int | None) -> Sampling:
 def _stops(body: dict) -> tuple[str, ...]:
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOPS:
-        raise APIError(400, f"stop must be a non-empty string or a list of up to {MAX_STOPS} of them, got {stop!r}",
-                       "stop")  # fmt: skip
-    return tuple(stops)
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOPS:
+        raise APIError(400, f"stop must be a string or a list of up to {MAX_STOPS} strings, got {stop!r}", "stop")
+    return tuple(s for s in stops if s)  # an empty one stops nothing (lm-eval sends one for a tokenizer's EOS)
 
 
 def _common(body: Any, options: Options) -> tuple[int, int, bool, bool]:
@@ -560,9 +559,18 @@ class OpenAISpec(LitSpec):
 
     async def tokenizer_info(self) -> dict[str, Any]:
         tokenizer = self.options.tokenizer
-        name = lambda i: tokenizer.decode(torch.tensor([i])) if i is not None else None  # noqa: E731
-        return {"eos_token": name(tokenizer.eos_id), "bos_token": name(tokenizer.bos_id),
-                "model_max_length": self.options.context}  # fmt: skip
+        hf = tokenizer.backend == "huggingface"
+
+        def name(i: int | None) -> str | None:  # the token's own text ("</s>"): decoding skips special tokens
+            if i is None:
+                return None
+            return tokenizer.processor.id_to_token(i) if hf else tokenizer.processor.id_to_piece(i)
+
+        return {
+            "eos_token": name(tokenizer.eos_id),
+            "bos_token": name(tokenizer.bos_id),
+            "model_max_length": self.options.context,
+        }
 
     async def chat_completions(self, request: HTTPRequest) -> Any:
         return await self._answer(request, parse_chat)
