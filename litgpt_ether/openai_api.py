@@ -37,6 +37,7 @@ try:  # the `serve` extra
     from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop
     from litserve.specs.base import LitSpec
     from litserve.utils import LitAPIStatus, LoopResponseType
+    from starlette.requests import ClientDisconnect
 except ImportError:
     ContinuousBatchingLoop = LitSpec = object
     HTTPRequest = Any
@@ -480,6 +481,8 @@ async def _json(request: HTTPRequest) -> Any:
         return json.loads(await request.body())
     except (ValueError, UnicodeDecodeError) as err:
         return APIError(400, f"the request body is not JSON ({err})")
+    except ClientDisconnect:  # gone before it finished sending: nothing to answer
+        return APIError(400, "the client disconnected")
 
 
 class OpenAISpec(LitSpec):

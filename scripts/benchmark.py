@@ -932,6 +932,10 @@ def serve_cmd(
     repeats: int = 7,
     threads: int | None = None,
     json: bool = False,
+    load: bool = False,
+    rates: tuple[float, ...] = (2.0, 8.0, 32.0),
+    requests: int = 48,
+    max_batch_size: int = 8,
 ) -> list[dict[str, Any]]:
     """Decoding tokens/s of ``litgpt_ether serve``'s batch engine with K adapters mixed in each batch, against one
     merged model alone (the base model's cost) at the same batch size.
@@ -955,7 +959,12 @@ def serve_cmd(
         repeats: Runs per model and K.
         threads: CPU threads for torch (default: torch's own choice).
         json: Print JSON lines instead of a table.
+        load: Run ``serve_load`` instead (a real server under Poisson load, static against continuous batching),
+            with ``rates``, ``requests`` and ``max_batch_size``; its adapters are ``max(adapters)`` of the presets'
+            kinds.
     """
+    if load:
+        return serve_load(checkpoint_dir, presets, max(adapters), rates, requests, max_batch_size, json=json)
     import yaml
     from litgpt.prompts import Alpaca
 
@@ -1051,6 +1060,147 @@ def serve_cmd(
     return results
 
 
+def serve_load(
+    checkpoint_dir: str = "demo/base",
+    presets: tuple[str, ...] = SERVE_PRESETS[:2],
+    adapters: int = 4,
+    rates: tuple[float, ...] = (2.0, 8.0, 32.0),
+    requests: int = 48,
+    max_batch_size: int = 8,
+    prompt_len: tuple[int, int] = (8, 48),
+    new_tokens: tuple[int, int] = (8, 64),
+    seed: int = 0,
+    json: bool = False,
+) -> list[dict[str, Any]]:
+    """``litgpt_ether serve`` under a bounded open-loop load, static against continuous batching in the same run.
+
+    A real server on 127.0.0.1 (each batching mode in turn, the same base, adapters and requests), fed by Poisson
+    arrivals at each rate: ``requests`` streamed completions, each for one of ``adapters`` random adapters of the
+    presets' kinds, with a random prompt and a random number of new tokens (EOS forbidden through ``logit_bias``, so
+    every request decodes exactly that many). Reported per mode and rate: throughput (generated tokens over the time
+    from the first request sent to the last one answered), time to first token and time per later token (p50, p99).
+    """
+    import asyncio
+    import random
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import tempfile
+
+    import httpx
+    import yaml
+    from litgpt.prompts import Alpaca, save_prompt_style
+    from litgpt.tokenizer import Tokenizer
+
+    from litgpt_ether.checkpoint import save_adapter
+
+    base_dir = Path(checkpoint_dir)
+    config = ether.Config.from_file(base_dir / "model_config.yaml")
+    work = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    generator = torch.Generator().manual_seed(seed)
+    specs = []
+    for i in range(adapters):  # the presets' kinds in turn, random vectors
+        path = Path(presets[i % len(presets)])
+        fields = {k: v for k, v in yaml.safe_load((path if path.is_file() else REPO / path).read_text()).items()
+                  if k.startswith("ether_")}  # fmt: skip
+        adapter_config = ether.Config.from_file(base_dir / "model_config.yaml", **fields)
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in ether.ether_state_dict(ether.GPT(adapter_config)).items()}
+        (work / f"a{i}").mkdir()
+        save_adapter(work / f"a{i}" / "lit_model.pth.ether",
+                     {k: torch.randn(s, generator=generator) for k, s in shapes.items()}, adapter_config)  # fmt: skip
+        save_prompt_style(Alpaca(), work / f"a{i}")
+        specs.append(f"a{i}={work / f'a{i}'}")
+    rng = random.Random(seed)
+    eos = Tokenizer(base_dir).eos_id
+
+    def plan(rate: float) -> list[tuple[float, str, list[int], int]]:
+        """(seconds since the previous request, adapter, prompt, new tokens): within the model's context."""
+        out = []
+        for _ in range(requests):
+            prompt = [rng.randrange(3, config.vocab_size) for _ in range(rng.randint(*prompt_len))]
+            tokens = min(rng.randint(*new_tokens), config.block_size - len(prompt))
+            out.append((rng.expovariate(rate), f"a{rng.randrange(adapters)}", prompt, tokens))
+        return out
+
+    plans = {rate: plan(rate) for rate in rates}
+
+    async def one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], tokens: int) -> dict:
+        body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        if eos is not None:
+            body["logit_bias"] = {str(eos): -100}
+        sent, first, last, usage = time.perf_counter(), None, None, None
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = jsonlib.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                elif chunk["choices"] and chunk["choices"][0].get("text"):
+                    last = time.perf_counter()
+                    first = first or last
+        return {"sent": sent, "first": first, "last": last, "tokens": usage["completion_tokens"]}
+
+    async def load(url: str, plan: list) -> list[dict]:
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=requests)) as client:
+            tasks = []
+            for gap, model, prompt, tokens in plan:
+                await asyncio.sleep(gap)
+                tasks.append(asyncio.create_task(one(client, url, model, prompt, tokens)))
+            return await asyncio.gather(*tasks)
+
+    def percentile(values: list[float], q: float) -> float:
+        values = sorted(values)
+        return values[min(len(values) - 1, math.ceil(q * len(values)) - 1)]
+
+    results = []
+    for batching in ("static", "continuous"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = open(work / f"{batching}.log", "w")
+        server = subprocess.Popen([sys.executable, "-m", "litgpt_ether", "serve", str(base_dir), "--adapters", *specs,
+                                   "--port", str(port), "--precision", "32-true", "--temperature", "0",
+                                   "--max_batch_size", str(max_batch_size), "--batching", batching],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            asyncio.run(load(url, plans[rates[0]][:2]))  # warm-up
+            for rate in rates:
+                answers = asyncio.run(load(url, plans[rate]))
+                wall = max(a["last"] for a in answers) - min(a["sent"] for a in answers)
+                ttft = [a["first"] - a["sent"] for a in answers]
+                tpot = [(a["last"] - a["first"]) / (a["tokens"] - 1) for a in answers if a["tokens"] > 1]
+                result = {"batching": batching, "rate": rate, "requests": requests, "max_batch_size": max_batch_size,
+                          "adapters": adapters, "checkpoint_dir": str(base_dir),
+                          "tokens_per_s": sum(a["tokens"] for a in answers) / wall,
+                          "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99),
+                          "tpot_p50": percentile(tpot, 0.5), "tpot_p99": percentile(tpot, 0.99)}  # fmt: skip
+                results.append(result)
+                if json:
+                    print(jsonlib.dumps(result), flush=True)
+                else:
+                    print(f"{batching:10s} {rate:6.1f} req/s: {result['tokens_per_s']:8.1f} tokens/s, time to first"
+                          f" token p50 {result['ttft_p50'] * 1e3:7.0f} ms p99 {result['ttft_p99'] * 1e3:7.0f} ms,"
+                          f" per token p50 {result['tpot_p50'] * 1e3:6.1f} ms p99 {result['tpot_p99'] * 1e3:6.1f} ms",
+                          flush=True)  # fmt: skip
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
+            log.close()
+    shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
 COMMANDS: dict[str, Callable[..., Any]] = {
     "flops": flops,
     "ops": ops,
@@ -1076,8 +1226,10 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--batch_size", type=int, default=default("batch_size"))
             sp.add_argument("--presets", nargs="+", default=default("presets"), help="finetune preset YAML files")
             sp.add_argument("--adapters", type=int, nargs="+", default=default("adapters"), help="values of K")
-            for arg in ("prompt_len", "new_tokens", "repeats", "threads"):
+            for arg in ("prompt_len", "new_tokens", "repeats", "threads", "requests", "max_batch_size"):
                 sp.add_argument(f"--{arg}", type=int, default=default(arg))
+            sp.add_argument("--load", action="store_true", help="a real server under Poisson load (serve_load)")
+            sp.add_argument("--rates", type=float, nargs="+", default=default("rates"), help="requests per second")
             continue
         sp.add_argument("--model", default=default("model"), help="a litgpt config name")
         if name == "ops":
