@@ -936,6 +936,7 @@ def serve_cmd(
     rates: tuple[float, ...] = (2.0, 8.0, 32.0),
     requests: int = 48,
     max_batch_size: int = 8,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Decoding tokens/s of ``litgpt_ether serve``'s batch engine with K adapters mixed in each batch, against one
     merged model alone (the base model's cost) at the same batch size.
@@ -960,11 +961,11 @@ def serve_cmd(
         threads: CPU threads for torch (default: torch's own choice).
         json: Print JSON lines instead of a table.
         load: Run ``serve_load`` instead (a real server under Poisson load, static against continuous batching),
-            with ``rates``, ``requests`` and ``max_batch_size``; its adapters are ``max(adapters)`` of the presets'
-            kinds.
+            with ``rates``, ``requests``, ``max_batch_size`` and ``seed`` (of the arrivals, prompts, lengths and
+            adapters); its adapters are ``max(adapters)`` of the presets' kinds.
     """
     if load:
-        return serve_load(checkpoint_dir, presets, max(adapters), rates, requests, max_batch_size, json=json)
+        return serve_load(checkpoint_dir, presets, max(adapters), rates, requests, max_batch_size, seed=seed, json=json)
     import yaml
     from litgpt.prompts import Alpaca
 
@@ -1226,7 +1227,7 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--batch_size", type=int, default=default("batch_size"))
             sp.add_argument("--presets", nargs="+", default=default("presets"), help="finetune preset YAML files")
             sp.add_argument("--adapters", type=int, nargs="+", default=default("adapters"), help="values of K")
-            for arg in ("prompt_len", "new_tokens", "repeats", "threads", "requests", "max_batch_size"):
+            for arg in ("prompt_len", "new_tokens", "repeats", "threads", "requests", "max_batch_size", "seed"):
                 sp.add_argument(f"--{arg}", type=int, default=default(arg))
             sp.add_argument("--load", action="store_true", help="a real server under Poisson load (serve_load)")
             sp.add_argument("--rates", type=float, nargs="+", default=default("rates"), help="requests per second")
