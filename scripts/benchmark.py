@@ -965,7 +965,8 @@ def serve_cmd(
             adapters); its adapters are ``max(adapters)`` of the presets' kinds.
     """
     if load:
-        return serve_load(checkpoint_dir, presets, max(adapters), rates, requests, max_batch_size, seed=seed, json=json)
+        return serve_load(checkpoint_dir, device, presets, max(adapters), rates, requests, max_batch_size, seed=seed,
+                          json=json)  # fmt: skip
     import yaml
     from litgpt.prompts import Alpaca
 
@@ -1063,6 +1064,7 @@ def serve_cmd(
 
 def serve_load(
     checkpoint_dir: str = "demo/base",
+    device: str = "cpu",
     presets: tuple[str, ...] = SERVE_PRESETS[:2],
     adapters: int = 4,
     rates: tuple[float, ...] = (2.0, 8.0, 32.0),
@@ -1080,6 +1082,8 @@ def serve_load(
     presets' kinds, with a random prompt and a random number of new tokens (EOS forbidden through ``logit_bias``, so
     every request decodes exactly that many). Reported per mode and rate: throughput (generated tokens over the time
     from the first request sent to the last one answered), time to first token and time per later token (p50, p99).
+    ``checkpoint_dir`` may be a litgpt config name (random weights, as ``serve`` writes them); on "cuda" the server
+    runs in bf16, on the CPU in fp32.
     """
     import asyncio
     import random
@@ -1096,7 +1100,10 @@ def serve_load(
 
     from litgpt_ether.checkpoint import save_adapter
 
+    dev, dtype = resolve_device(device)
     base_dir = Path(checkpoint_dir)
+    if not base_dir.is_dir():  # a litgpt config name: a random-weight checkpoint written once, as ``serve`` does
+        base_dir = random_checkpoint(checkpoint_dir, Path("checkpoints/random") / checkpoint_dir, dtype, dev)
     config = ether.Config.from_file(base_dir / "model_config.yaml")
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     generator = torch.Generator().manual_seed(seed)
@@ -1164,7 +1171,8 @@ def serve_load(
             port = s.getsockname()[1]
         log = open(work / f"{batching}.log", "w")
         server = subprocess.Popen([sys.executable, "-m", "litgpt_ether", "serve", str(base_dir), "--adapters", *specs,
-                                   "--port", str(port), "--precision", "32-true", "--temperature", "0",
+                                   "--port", str(port), "--precision", "32-true" if dev.type == "cpu" else "bf16-true",
+                                   "--temperature", "0",
                                    "--max_batch_size", str(max_batch_size), "--batching", batching],
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         url = f"http://127.0.0.1:{port}"

@@ -79,6 +79,8 @@ phase "time $PHI 4x256" 90 $B time $T --model "$PHI" --micro_batch_size 4 --seq_
     --variants frozen lora-r8 ether-n1 ether-n32 etherplus-n1 etherplus-n32
 phase "serve $LLAMA (kernels)" 150 env LITGPT_ETHER_KERNELS=triton $B serve --device "$DEVICE" --checkpoint_dir "$LLAMA" \
     --adapters 1 64 --repeats 3 --presets config_hub/finetune/llama-2-7b/ether.yaml config_hub/finetune/llama-2-7b/etherplus.yaml
+phase "serve --load $LLAMA" 120 $B serve --load --device "$DEVICE" --checkpoint_dir "$LLAMA" --adapters 8 \
+    --rates 2 8 --requests 32 --max_batch_size 8
 phase "time $LLAMA 1x256 nf4" 90 $B time $T --model "$LLAMA" --micro_batch_size 1 --seq_len 256 --quantize bnb.nf4 \
     --variants lora-r8 ether-n32 etherplus-n32
 phase "time $LLAMA 4x512 compiled" 150 $B time --device "$DEVICE" --steps 5 --warmup 3 --kernels triton --compile \

@@ -216,6 +216,29 @@ def test_a_mixed_batch_through_the_fused_kernels_decodes_as_through_the_torch_pa
     assert calls and set(calls) <= {"reflect_rows", "reflect_rows_", "reflect_rows_stacked", "reflect_rows_unstacked"}
 
 
+def test_requests_joining_a_running_batch_decode_as_alone_greedy_and_seeded(served_family):
+    """Continuous batching: requests added one per step into a batch of 3 slots (so they queue, join at different
+    steps and positions, and leave at different ones) give each request's tokens alone, greedy and with a seed."""
+    base, adapters, model, rows = served_family
+    greedy = requests_for(base, list(adapters))
+    seeded = [resampled(r, temperature=1.5, seed=100 + i) for i, r in enumerate(greedy)]
+    for requests in (greedy, seeded):
+        expected = [served(model, rows, [r])[0] for r in requests]
+        engine = Engine(model, rows, 3, model.config.block_size)
+        got: dict[str, list[int]] = {str(i): [] for i in range(len(requests))}
+        pending = list(enumerate(requests))
+        while pending or engine.has_work():
+            if pending:
+                i, r = pending.pop(0)
+                engine.add(str(i), r)
+            assert engine.active() <= 3
+            for event in engine.step():
+                assert event.error is None
+                got[event.uid] += event.tokens
+        assert [got[str(i)] for i in range(len(requests))] == expected
+    assert expected != [served(model, rows, [r])[0] for r in greedy]  # the seeded ones sampled
+
+
 def test_sampled_rows_decode_from_their_own_adapter(served_family):
     base, adapters, model, rows = served_family
     greedy = served(model, rows, requests_for(base, list(adapters)))
