@@ -748,9 +748,6 @@ class ServeLoop(ContinuousBatchingLoop):
         if self.work is not None:
             self.work.set()
 
-    def has_capacity(self, lit_api: Any) -> bool:
-        return lit_api.has_capacity()
-
     async def run(self, lit_api: Any, device: str, worker_id: int, request_queue: Any, transport: Any,
                   workers_setup_status: Any, callback_runner: Any) -> None:  # fmt: skip
         if self.work is None:

@@ -367,7 +367,9 @@ class AdapterAPI(LitAPI):
         self.engine.add(uid, job.request)
 
     def has_capacity(self) -> bool:
-        return len(self.engine.pending) + self.engine.active() < self.max_batch_size
+        """Always: the engine queues what does not fit and admits it at the first step with a free slot (LitServe's
+        loop would hold it back until its next read of the request queue, up to a second later)."""
+        return True
 
     def has_active_requests(self) -> bool:
         return self.engine.has_work()
