@@ -15,7 +15,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,18 +52,24 @@ class DirectoryBusy(ConfigError):
 
 
 @contextmanager
-def exclusive(directory: Path) -> Iterator[None]:
+def exclusive(directory: Path, check: Callable[[], Any] | None = None) -> Iterator[Any]:
     """Hold an exclusive lock on ``directory`` (created if needed) while the block runs; refuse if another process
     holds it, naming that process.
+
+    ``check`` (what the directory must be like to be written: no earlier results, no run in the way) runs before
+    anything is created, and again once the lock is held, since another writer may have finished meanwhile; the
+    block gets what that second call returns.
 
     An OS file lock (``flock``) dies with its process, so a crash or SIGKILL leaves no stale lock behind: the lock
     file stays (removing it would let two processes lock two files of one name) and holds its last holder's id.
     """
+    check = check or (lambda: None)
+    check()
     directory = Path(directory)
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
-        yield
+        yield check()
         return
     lock = directory / LOCK_FILE
     new_lock = not lock.exists()
@@ -79,7 +85,7 @@ def exclusive(directory: Path) -> Iterator[None]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        yield
+        yield check()
     except BaseException as err:
         if new_lock and not isinstance(err, DirectoryBusy):  # failed: the directory as it was before
             lock.unlink(missing_ok=True)
@@ -138,7 +144,7 @@ def nbytes(obj: Any) -> int:
 
 def check_free_space(path: Path, needed: int) -> None:
     """Refuse, before writing, a file of ``needed`` bytes at ``path`` that its file system has no room for."""
-    free = shutil.disk_usage(path.parent if not path.is_dir() else path).free
+    free = shutil.disk_usage(path.parent).free
     if needed > free:
         raise DiskFull(_no_space(path, needed, free))
 
@@ -278,8 +284,11 @@ def read_model_config(path: Path, ether_args: dict[str, Any] | None = None) -> l
 
 def read_prompt_style(directory: Path, config: litgpt.config.Config) -> PromptStyle:
     """The prompt style saved with a checkpoint (``prompt_style.yaml``), else the one litgpt infers from its config."""
-    if not has_prompt_style(directory):
-        return PromptStyle.from_config(config)
+    return saved_prompt_style(directory) if has_prompt_style(directory) else PromptStyle.from_config(config)
+
+
+def saved_prompt_style(directory: Path) -> PromptStyle:
+    """``directory``'s ``prompt_style.yaml``: a mapping naming a litgpt ``PromptStyle`` class that loads."""
     path = Path(directory) / "prompt_style.yaml"
     if not isinstance(read_yaml_mapping(path).get("class_path"), str):
         raise ConfigError(f"{str(path)!r} names no class_path (such as litgpt.prompts.Alpaca)")
@@ -310,6 +319,13 @@ class Resolved:
     files_dir: Path  # tokenizer, configs and prompt style live here
     base_dir: Path  # the checkpoint whose lit_model.pth supplies the frozen weights
     adapter: Path | None  # None: files_dir holds merged (or plain) weights
+    loaded: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The adapter's tensors and ETHER options (``load_adapter``), read once (``resolve`` reads them first)."""
+        if self.loaded is None:
+            self.loaded = load_adapter(self.adapter)
+        return self.loaded
 
 
 def resolve(path: Path, base_checkpoint_dir: Path | None = None, prefer_adapter: bool = False) -> Resolved:
@@ -329,12 +345,12 @@ def resolve(path: Path, base_checkpoint_dir: Path | None = None, prefer_adapter:
     if not adapter.is_file() or (not prefer_adapter and (files_dir / MODEL_FILE).is_file()):
         check_checkpoint_dir(files_dir)
         return Resolved(files_dir, files_dir, None)
-    load_adapter(adapter)  # refused now, before the verb does anything else, if it is unusable
-    if (files_dir / "prompt_style.yaml").is_file():
-        read_yaml_mapping(files_dir / "prompt_style.yaml")
+    loaded = load_adapter(adapter)  # refused now, before the verb does anything else, if it is unusable
+    if has_prompt_style(files_dir):
+        saved_prompt_style(files_dir)
     base = Path(base_checkpoint_dir) if base_checkpoint_dir is not None else base_checkpoint_of(files_dir)
     check_checkpoint_dir(base)
-    return Resolved(files_dir, base, adapter)
+    return Resolved(files_dir, base, adapter, loaded)
 
 
 def check_checkpoint_dir(path: Path) -> None:
@@ -371,7 +387,7 @@ def build_config(resolved: Resolved) -> tuple[litgpt.config.Config, dict[str, to
     """The model config (an ETHER ``Config`` when an adapter applies) and the adapter tensors."""
     if resolved.adapter is None:
         return read_model_config(resolved.files_dir / "model_config.yaml"), None
-    state, ether_args = load_adapter(resolved.adapter)
+    state, ether_args = resolved.load()
     return read_model_config(resolved.base_dir / "model_config.yaml", ether_args), state
 
 

@@ -207,7 +207,8 @@ class Engine:
         prefilled; every row samples one token. Returns the events of the rows that have something to say."""
         with self.lock:
             cancelled, self.cancelled = self.cancelled, set()
-            self.pending = collections.deque(p for p in self.pending if p[0] not in cancelled)
+            if cancelled:
+                self.pending = collections.deque(p for p in self.pending if p[0] not in cancelled)
         self._leave([b for b, s in enumerate(self.slots) if s.done or s.uid in cancelled])
         if self.slots:
             self._forward()
@@ -256,8 +257,7 @@ class Engine:
             newcomers = [self.pending.popleft() for _ in range(min(room, len(self.pending)))]
         if not newcomers:
             return []
-        if self.slots:  # the running batch's caches are set aside while the newcomers' are filled
-            running = self.caches
+        running = self.caches  # the running batch's, set aside while the newcomers' are filled ([] if none)
         lengths = [r.prompt.numel() for _, r in newcomers]
         prompts = torch.zeros(len(newcomers), max(lengths), dtype=torch.long, device=self.device)
         for i, (_, r) in enumerate(newcomers):
@@ -295,7 +295,7 @@ class Engine:
             last = logits[index, torch.tensor(lengths, device=self.device)[index] - 1]
             fresh = [(k[index], v[index]) for k, v in fresh]
             positions = torch.tensor(lengths, device=self.device)[index][:, None]
-            if len(self.slots) > len(joining):
+            if running:
                 fresh = [(torch.cat([k0, k1]), torch.cat([v0, v1])) for (k0, v0), (k1, v1) in zip(running, fresh)]
                 self.logits = torch.cat([self.logits, last])
                 self.positions = torch.cat([self.positions, positions])

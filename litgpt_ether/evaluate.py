@@ -288,9 +288,7 @@ def evaluate(
     resolved = resolve(checkpoint_dir, base_checkpoint_dir)
     out_dir = Path(out_dir) if out_dir is not None else resolved.files_dir / "eval"
     check_output_dir(out_dir)  # before the tasks run, which can take hours
-    refuse_results(out_dir, overwrite)
-    with exclusive(out_dir):  # one evaluation writes here at a time
-        refuse_results(out_dir, overwrite)  # again, locked: another may have finished meanwhile
+    with exclusive(out_dir, lambda: refuse_results(out_dir, overwrite)):  # one evaluation writes here at a time
         return run_tasks(resolved, fabric, task_names, task_manager, out_dir, num_fewshot, batch_size, limit,
                          precision, quantize, seed)  # fmt: skip
 

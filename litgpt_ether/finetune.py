@@ -253,10 +253,10 @@ def setup(
         plugins=plugins,
         loggers=logger,
     )
-    prepare_out_dir(out_dir, resume, overwrite)  # refuses a run in the way before anything is written
-    # one writer per out_dir: rank 0 writes every file (the other ranks, started by ``launch``, run this again)
-    with exclusive(out_dir) if fabric.global_rank == 0 else contextlib.nullcontext():
-        resume_dir = prepare_out_dir(out_dir, resume, overwrite)  # again: a writer may have finished meanwhile
+    # one writer per out_dir: rank 0 writes every file (the other ranks, started by ``launch``, run this again);
+    # a run in the way is refused before anything is written
+    check = partial(prepare_out_dir, out_dir, resume, overwrite)
+    with exclusive(out_dir, check) if fabric.global_rank == 0 else contextlib.nullcontext(check()) as resume_dir:
         set_aside = fabric.global_rank == 0 and overwrite and resume_dir is None and set_aside_previous_run(out_dir)
         try:
             fabric.launch(

@@ -37,9 +37,7 @@ def merge(
         inputs = [resolved.files_dir.resolve(), resolved.base_dir.resolve()]
         if any(p == out_dir.resolve() or out_dir.resolve() in p.parents for p in inputs):
             raise ConfigError(f"out_dir {str(out_dir)!r} holds the adapter or its base model: choose another")
-        refuse_nonempty(out_dir, overwrite)
-        with exclusive(out_dir):
-            refuse_nonempty(out_dir, overwrite)  # again, locked: another merge may have written it meanwhile
+        with exclusive(out_dir, lambda: refuse_nonempty(out_dir, overwrite)):
             with staged_dir(out_dir) as tmp:  # written whole under a temporary name, then renamed into place
                 merge_adapter(resolved, tmp)
         path = out_dir / "lit_model.pth"

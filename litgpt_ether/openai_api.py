@@ -320,7 +320,7 @@ class Stream:
         self.job, self.tokenizer = job, tokenizer
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] = []
-        self.text = self.sent = ""
+        self.sent = ""  # the text sent so far
         self.done = self.echoed = False
         self.reported = 0  # tokens whose log-probabilities have been sent
 
@@ -385,10 +385,9 @@ class Stream:
 
     def _echo(self, prompt_logprobs: list[TokenLogprob | None] | None) -> dict[str, Any]:
         tokens = self.job.echo or []
-        pieces = [self.piece(t) for t in tokens]
         out: dict[str, Any] = {"echo": self.tokenizer.decode(torch.tensor(tokens, dtype=torch.long))}
         if prompt_logprobs is not None:
-            out["echo_logprobs"] = [self._entry(item, piece) for item, piece in zip(prompt_logprobs, pieces)]
+            out["echo_logprobs"] = [self._entry(item, self.piece(t)) for item, t in zip(prompt_logprobs, tokens)]
         return out
 
 
@@ -432,7 +431,7 @@ class Choice:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
-    started: bool = False  # its first delta has been streamed (chat: the role goes in that one only)
+    started: bool = False  # its first output has come: it decodes (``Metrics.running``), no longer waits
 
     def add(self, out: dict[str, Any]) -> None:
         self.text += out.get("echo", "") + out.get("text", "")

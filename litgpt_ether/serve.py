@@ -31,7 +31,6 @@ from litgpt_ether.checkpoint import (
     MODEL_FILE,
     check_adapter_fits,
     check_checkpoint_dir,
-    load_adapter,
     load_tokenizer,
     model_from_checkpoint,
     read_model_config,
@@ -206,7 +205,7 @@ def load_adapter_for(base_dir: Path, name: str, path: Path) -> Adapter:
     resolved = resolve(path, base_checkpoint_dir=base_dir, prefer_adapter=True)
     if resolved.adapter is None:
         raise ConfigError(f"{str(path)!r} holds no ETHER adapter (lit_model.pth.ether)")
-    state, ether_args = load_adapter(resolved.adapter)
+    state, ether_args = resolved.load()
     method = ether_args.get("ether_method", "ether")
     if method not in ("ether", "etherplus"):
         raise ConfigError(
