@@ -324,8 +324,17 @@ class Stream:
         self.done = self.echoed = False
         self.reported = 0  # tokens whose log-probabilities have been sent
 
-    def piece(self, token: int) -> str:
-        return self.tokenizer.decode(torch.tensor([token], dtype=torch.long))
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(torch.tensor(tokens, dtype=torch.long)) if tokens else ""
+
+    def piece(self, before: list[int], token: int) -> str:
+        """``token``'s text where it stands: what it adds to the text of the few tokens ``before`` it (in its part,
+        the prompt or the answer), so that the pieces of a part add up to its text, spaces included (a token decoded
+        alone may lose its leading space). A token that completes a character split across tokens: alone."""
+        prefix, text = self.decode(before), self.decode([*before, token])
+        if text.startswith(prefix) and not prefix.endswith("\ufffd"):
+            return text[len(prefix) :]
+        return self.decode([token])
 
     def update(self, event: Event) -> tuple[dict[str, Any] | None, bool]:
         """The output for ``event`` (None: nothing to send yet) and whether the job must be cancelled (a stop
@@ -341,7 +350,7 @@ class Stream:
         if event.logprobs is not None:
             self.logprobs += event.logprobs
         finish, cancel = event.finish, False
-        text = self.tokenizer.decode(torch.tensor(self.tokens, dtype=torch.long)) if self.tokens else ""
+        text = self.decode(self.tokens)
         cut = self._stop_at(text)
         if cut is not None:
             text, finish, cancel = text[:cut], "stop", event.finish is None
@@ -353,7 +362,8 @@ class Stream:
         if self.job.request.sampling.logprobs is not None:  # the tokens whose text is out (at the end: all of them)
             covered = len(self.logprobs) if finish is not None and cut is None else self._covered(len(self.sent))
             if covered > self.reported:
-                out["logprobs"] = [self._entry(i, self.piece(i.token)) for i in self.logprobs[self.reported : covered]]
+                out["logprobs"] = [self._entry(self.logprobs[k], self.tokens[max(0, k - 4) : k], self.tokens[k])
+                                   for k in range(self.reported, covered)]  # fmt: skip
                 self.reported = covered
         if finish is not None:
             self.done = True
@@ -374,20 +384,23 @@ class Stream:
     def _covered(self, chars: int) -> int:
         """How many tokens (from the first) decode to at most ``chars`` characters: those whose text is out."""
         k = self.reported
-        while k < len(self.logprobs) and len(self.tokenizer.decode(torch.tensor(self.tokens[: k + 1]))) <= chars:
+        while k < len(self.logprobs) and len(self.decode(self.tokens[: k + 1])) <= chars:
             k += 1
         return k
 
-    def _entry(self, item: TokenLogprob | None, piece: str) -> dict[str, Any]:
+    def _entry(self, item: TokenLogprob | None, before: list[int], token: int) -> dict[str, Any]:
+        """A token's log-probability entry; its alternatives' texts are as they would stand in its place."""
+        piece = self.piece(before, token)
         if item is None:
             return {"token": piece, "logprob": None, "top": []}
-        return {"token": piece, "logprob": item.logprob, "top": [(self.piece(t), lp) for t, lp in item.top]}
+        return {"token": piece, "logprob": item.logprob, "top": [(self.piece(before, t), lp) for t, lp in item.top]}
 
     def _echo(self, prompt_logprobs: list[TokenLogprob | None] | None) -> dict[str, Any]:
         tokens = self.job.echo or []
-        out: dict[str, Any] = {"echo": self.tokenizer.decode(torch.tensor(tokens, dtype=torch.long))}
+        out: dict[str, Any] = {"echo": self.decode(tokens)}
         if prompt_logprobs is not None:
-            out["echo_logprobs"] = [self._entry(item, self.piece(t)) for item, t in zip(prompt_logprobs, tokens)]
+            out["echo_logprobs"] = [self._entry(item, tokens[max(0, j - 4) : j], t)
+                                    for j, (item, t) in enumerate(zip(prompt_logprobs, tokens))]  # fmt: skip
         return out
 
 

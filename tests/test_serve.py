@@ -644,6 +644,18 @@ def test_logprobs_are_the_merged_models(server):
     assert logprobs.token_logprobs[1:] == pytest.approx(reference_logprobs(base, path, ids), abs=1e-4)
     assert all(max(top.values()) >= lp for top, lp in zip(logprobs.top_logprobs[1:], logprobs.token_logprobs[1:]))
 
+    # token texts add up to the text (this tokenizer decodes a word alone without the space before it), offsets too
+    assert "".join(c.token for c in content) == reply.choices[0].message.content
+    for stream in (False, True):
+        answer = client.completions.create(model="ether-qv-n2", prompt=ids, max_tokens=3, echo=True, logprobs=2,
+                                           stream=stream)  # fmt: skip
+        choices = list(answer) if stream else [answer]
+        text = "".join(c.choices[0].text for c in choices)
+        tokens = [t for c in choices for t in c.choices[0].logprobs.tokens]
+        offsets = [o for c in choices for o in c.choices[0].logprobs.text_offset]
+        assert "".join(tokens) == text and len(tokens) == len(ids) + 3 and " " in text
+        assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
+
 
 def sse(response: httpx.Response) -> list[dict]:
     lines = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
