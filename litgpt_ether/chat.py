@@ -25,17 +25,23 @@ class _ContextGuard:
     """The tokenizer, refusing a prompt that leaves no room for ``max_new_tokens`` in the model's context.
 
     litgpt's ``process_prompt`` encodes each prompt once, before it prints or changes anything, so raising there
-    skips the prompt and leaves the model as it was; without this, litgpt stops the chat with a traceback.
+    skips the prompt and leaves the model as it was; without this, litgpt stops the chat with a traceback. A prompt
+    that needs a longer KV cache than the last one clears the cache first: ``process_prompt`` then builds it as on
+    a first turn, where growing it in place printed litgpt's "Warning: KV cache has length ... Call
+    'set_kv_cache' before doing any forwards!" into the reply (it does call it).
     """
 
-    def __init__(self, tokenizer: Tokenizer, max_new_tokens: int, block_size: int) -> None:
-        self._tokenizer, self._max_new_tokens, self._block_size = tokenizer, max_new_tokens, block_size
+    def __init__(self, tokenizer: Tokenizer, model: torch.nn.Module, max_new_tokens: int, block_size: int) -> None:
+        self._tokenizer, self._model = tokenizer, model
+        self._max_new_tokens, self._block_size = max_new_tokens, block_size
 
     def encode(self, string: str, *args, **kwargs) -> torch.Tensor:
         if any("\udc80" <= c <= "\udcff" for c in string):  # bytes stdin could not decode (``surrogateescape``)
             raise NotTextError("the prompt is not valid UTF-8 text: skipped")
         encoded = self._tokenizer.encode(string, *args, **kwargs)
         check_fits(encoded.size(0), self._max_new_tokens, self._block_size)
+        if encoded.size(0) + self._max_new_tokens > self._model.max_seq_length:
+            self._model.clear_kv_cache()
         return encoded
 
     def __getattr__(self, name: str):
@@ -85,7 +91,7 @@ def main(
     print(pformat(locals()), file=sys.stderr)
     check_numbers(locals())
     inference = load_for_inference(checkpoint_dir, base_checkpoint_dir, precision, quantize, temperature)
-    guarded = _ContextGuard(inference.tokenizer, max_new_tokens, inference.block_size)
+    guarded = _ContextGuard(inference.tokenizer, inference.model, max_new_tokens, inference.block_size)
 
     if multiline:
         exit_instruction = "To exit, enter '!quit' or '!exit' on an empty prompt and press 'Enter'."

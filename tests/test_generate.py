@@ -93,6 +93,19 @@ def test_chat_ends_cleanly_at_the_end_of_input(finetune_out, monkeypatch, capsys
     assert "tokens/sec" in captured.err
 
 
+def test_chat_grows_its_cache_for_a_longer_prompt_quietly_and_answers_it_as_a_fresh_chat(finetune_out, monkeypatch,
+                                                                                        capsys):  # fmt: skip
+    longer = "reverse red green blue pink gold red green blue"
+    replies = []
+    for stdin in (f"reverse red\n{longer}\n", f"{longer}\n"):
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        chat_verb.main(finetune_out / "final", temperature=0.0, precision="32-true", max_new_tokens=8)
+        out = capsys.readouterr().out
+        assert "Warning" not in out  # litgpt's growing cache prints "Call 'set_kv_cache' before..." on stdout
+        replies.append(out.split(">> Reply: ")[-1])
+    assert replies[0] == replies[1]
+
+
 def test_cli_generate_prompt_too_long_for_the_context_is_a_one_line_error(finetune_out):
     result = run_main("generate", str(finetune_out / "final"), "--prompt", TOO_LONG, *GREEDY)
     assert result.returncode != 0
