@@ -19,6 +19,7 @@ finetune`` reports, on the held-out ``demo/data/test.json``.
 """
 
 import csv
+import json
 import os
 import re
 import statistics
@@ -76,56 +77,117 @@ def final_loss(log: Path) -> float:
     return float(found[-1]) if found else float("nan")
 
 
-def score(checkpoint_dir: Path) -> float:
-    """Held-out exact match of a merged checkpoint (printed, for the subprocess ``run`` starts)."""
+# The four task families of the held-out set (scripts/make_demo.py), by how their instructions start
+FAMILIES = {"capital": "Name the capital city of", "flip": "Flip the order of", "total": "What is the total of",
+            "after": "Which number comes after"}  # fmt: skip
+# The demo's promise per preset (issue #28): every run at or above its floor
+FLOORS = {"etherplus": 0.75, "ether": 0.50}
+
+
+def family(row: dict) -> str:
+    return next(name for name, start in FAMILIES.items() if row["instruction"].startswith(start))
+
+
+def score(checkpoint_dir: Path) -> dict[str, float]:
+    """Held-out exact match of a checkpoint (merged, ``final/`` or a step directory), overall and per task family:
+    a run that falls short usually loses whole families. Printed as one JSON line, for the subprocess ``run``
+    starts."""
     fabric = L.Fabric(devices=1, precision="32-true", accelerator="cpu")
     model = fabric.setup_module(load_model(resolve(checkpoint_dir)))
     rows = load_test_rows(DEMO / "data" / "test.json")
-    em = exact_match(fabric, model, Tokenizer(checkpoint_dir), Alpaca(), rows, EvalArgs(max_new_tokens=8))
-    print(em)
-    return em
+    tokenizer, args = Tokenizer(checkpoint_dir), EvalArgs(max_new_tokens=8)
+    scores, correct = {}, 0
+    for name in FAMILIES:
+        subset = [r for r in rows if family(r) == name]
+        scores[name] = exact_match(fabric, model, tokenizer, Alpaca(), subset, args)
+        correct += round(scores[name] * len(subset))
+    scores = {"exact_match": correct / len(rows), **scores}
+    print(json.dumps(scores))
+    print(scores["exact_match"])  # last, alone: what earlier versions of ``run`` read
+    return scores
 
 
-def run(method: str, lr: float, seed: int, threads: int, out_dir: Path) -> dict:
-    """Train one run in a fresh process with ``threads`` CPU threads, then score its merged output in another.
+def run_name(method: str, variant: str, lr: float, seed: int, threads: int) -> str:
+    return f"{method}{'-' + variant if variant else ''}-lr{lr:g}-seed{seed}-t{threads}"
 
-    A run is deterministic given its settings, so one already scored in ``out_dir`` (by the other study, say) is
-    read back instead of trained again.
-    """
-    run_dir = out_dir / f"{method}-lr{lr:g}-seed{seed}-t{threads}"
-    log, scored = out_dir / f"{run_dir.name}.log", run_dir / "exact_match.txt"
+
+def recipe(method: str, lr: float, seed: int, run_dir: Path, args: tuple[str, ...]) -> dict:
+    """What a run's outcome depends on: its command line and the settings of the preset it reads (LoRA: the ETHER+
+    preset's), less the seed its command line sets; comments do not count."""
+    command = [*train_command(method, lr, seed, run_dir), *args]
+    settings = {k: v for k, v in preset("etherplus" if method == "lora" else method).items() if k != "seed"}
+    return {"command": command, "preset": settings}
+
+
+def trained(run_dir: Path, wanted: dict) -> bool:
+    """Whether ``run_dir`` holds a finished run of exactly this recipe: one of an older preset is trained again."""
+    done = run_dir / "recipe.json"
+    return (run_dir / "final" / "lit_model.pth").is_file() and done.is_file() and json.loads(done.read_text()) == wanted
+
+
+def train_and_score(method: str, lr: float, seed: int, threads: int, run_dir: Path, args: tuple[str, ...]) -> dict:
+    """Train one run in a fresh process with ``threads`` CPU threads (unless the same recipe's output is there
+    already: a run is deterministic given its settings), then score its ``final/`` in another; ``{}`` if it left no
+    output."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    if not scored.is_file():
-        with open(log, "w") as f:
-            done = subprocess.run(train_command(method, lr, seed, run_dir), stdout=f, stderr=subprocess.STDOUT,
-                                  env=env)  # fmt: skip
-        if done.returncode == 0 and (run_dir / "final" / "lit_model.pth").is_file():
-            cmd = [sys.executable, __file__, "score", str(run_dir / "final")]
-            score_run = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-            scored.write_text(score_run.stdout.split()[-1])
-    ok = scored.is_file()
-    em = float(scored.read_text()) if ok else float("nan")
-    result = {"method": method, "lr": lr, "seed": seed, "threads": threads, "exact_match": em,
-              "final_loss": final_loss(log) if ok else float("nan")}  # fmt: skip
-    print(f"{method:9s} lr {lr:<7g} seed {seed} threads {threads}: exact match {em:6.1%}"
-          f"  final loss {result['final_loss']:.3f}", flush=True)  # fmt: skip
+    wanted = recipe(method, lr, seed, run_dir, args)
+    if not trained(run_dir, wanted):
+        (run_dir / "recipe.json").unlink(missing_ok=True)
+        with open(run_dir.with_name(run_dir.name + ".log"), "w") as f:
+            done = subprocess.run(wanted["command"], stdout=f, stderr=subprocess.STDOUT, env=env)
+        if done.returncode != 0 or not (run_dir / "final" / "lit_model.pth").is_file():
+            return {}
+        (run_dir / "recipe.json").write_text(json.dumps(wanted))
+    return score_in_subprocess(run_dir / "final", env)
+
+
+def score_in_subprocess(checkpoint_dir: Path, env: dict) -> dict:
+    done = subprocess.run([sys.executable, __file__, "score", str(checkpoint_dir)], env=env, capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    return json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{")))
+
+
+def run(method: str, lr: float, seed: int, threads: int, out_dir: Path, variant: str = "",
+        args: tuple[str, ...] = ()) -> dict:  # fmt: skip
+    """One run of the study (``variant``: the name of the extra finetune ``args`` it runs with), trained and scored
+    once: a run already scored in ``out_dir`` (by another study, say) is read back."""
+    run_dir = out_dir / run_name(method, variant, lr, seed, threads)
+    scored = run_dir / "scores.json"
+    if not (scored.is_file() and trained(run_dir, recipe(method, lr, seed, run_dir, args))):
+        scored.unlink(missing_ok=True)
+        scores = train_and_score(method, lr, seed, threads, run_dir, args)
+        if scores:
+            scored.write_text(json.dumps(scores))
+    scores = json.loads(scored.read_text()) if scored.is_file() else {}
+    log = run_dir.with_name(run_dir.name + ".log")
+    result = {"method": method, "variant": variant, "lr": lr, "seed": seed, "threads": threads,
+              "exact_match": scores.get("exact_match", float("nan")),
+              **{name: scores.get(name, float("nan")) for name in FAMILIES},
+              "final_loss": final_loss(log) if scores and log.is_file() else float("nan")}  # fmt: skip
+    families = " ".join(f"{name} {result[name]:6.1%}" for name in FAMILIES)
+    print(f"{method}{'-' + variant if variant else ''} lr {lr:<7g} seed {seed} threads {threads}: exact match "
+          f"{result['exact_match']:6.1%} ({families})  final loss {result['final_loss']:.3f}", flush=True)  # fmt: skip
     return result
 
 
 def summarize(results: list[dict]) -> list[dict]:
-    """Median, min and max exact match (and median final loss) per (method, learning rate), in order of appearance.
+    """Median, min and max exact match (and median final loss) per (method, variant, learning rate), in order of
+    appearance, with the number of runs below the method's floor (``FLOORS``) where it has one.
 
     A diverged run (NaN loss) scores what its merged output scores; a failed run (no output) counts as 0.
     """
-    groups: dict[tuple[str, float], list[dict]] = {}
+    groups: dict[tuple[str, str, float], list[dict]] = {}
     for r in results:
-        groups.setdefault((r["method"], r["lr"]), []).append(r)
+        groups.setdefault((r["method"], r["variant"], r["lr"]), []).append(r)
     summary = []
-    for (method, lr), runs in groups.items():
+    for (method, variant, lr), runs in groups.items():
         em = [0.0 if r["exact_match"] != r["exact_match"] else r["exact_match"] for r in runs]
-        losses = [r["final_loss"] for r in runs]
-        summary.append({"method": method, "lr": lr, "runs": len(runs), "median": statistics.median(em),
-                        "min": min(em), "max": max(em), "median_final_loss": statistics.median(losses)})  # fmt: skip
+        floor = FLOORS.get(method)
+        summary.append({"method": method, "variant": variant, "lr": lr, "runs": len(runs),
+                        "median": statistics.median(em), "min": min(em), "max": max(em),
+                        "floor": "" if floor is None else floor,
+                        "below_floor": "" if floor is None else sum(e < floor for e in em),
+                        "median_final_loss": statistics.median(r["final_loss"] for r in runs)})  # fmt: skip
     return summary
 
 
@@ -136,14 +198,29 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def study(name: str, out_dir: Path, plan: list[tuple[str, float, int, int]], jobs: int) -> list[dict]:
+def seed_list(seeds: str) -> list[int]:
+    """``"1-20"``, ``"1,4,9"`` or a mix (``"1-5,9"``): the seeds in order."""
+    try:
+        out = []
+        for part in str(seeds).split(","):
+            first, _, last = part.strip().partition("-")
+            out += range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise SystemExit(f"error: --seeds {seeds!r} is not a list of seeds such as 1-20 or 1,4,9") from None
+    return out
+
+
+def study(name: str, out_dir: Path, plan: list[tuple], jobs: int, variant: str = "", args: tuple[str, ...] = ()
+          ) -> list[dict]:  # fmt: skip
     """Run every ``(method, lr, seed, threads)``, ``jobs`` at a time (each run's rounding depends on its thread
     count, not on what else the machine runs); ``NAME.csv`` (every run) and ``NAME_summary.csv`` are rewritten as
     runs finish."""
+    if args and not variant:
+        raise SystemExit("error: --args changes the recipe: name it with --variant, so its runs are kept apart")
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for result in pool.map(lambda p: run(*p, out_dir), plan):
+        for result in pool.map(lambda p: run(*p, out_dir, variant, args), plan):
             results.append(result)
             write_csv(results, out_dir / f"{name}.csv")
             write_csv(summarize(results), out_dir / f"{name}_summary.csv")
@@ -153,38 +230,94 @@ def study(name: str, out_dir: Path, plan: list[tuple[str, float, int, int]], job
 def table(
     out_dir: Path = Path("out/demo_study"),
     methods: tuple[str, ...] = ("ether", "etherplus", "oft", "naive", "lora"),
-    seeds: tuple[int, ...] = (1, 2, 3, 4, 5),
+    seeds: str = "1-5",
     threads: tuple[int, ...] = (1, 2),
     lora_best_lr: float | None = None,
     jobs: int = 1,
     name: str = "table",
+    variant: str = "",
+    args: tuple[str, ...] = (),
 ) -> None:
     """Each method at its demo preset's learning rate (LoRA at litgpt's default, and at ``lora_best_lr`` if given),
     over every seed and thread count.
 
     Arguments:
-        out_dir: Where the runs, ``table.csv`` and ``table_summary.csv`` go.
+        out_dir: Where the runs, ``NAME.csv`` and ``NAME_summary.csv`` go.
         methods: Demo presets by name, and "lora".
-        seeds: Training seeds.
+        seeds: Training seeds: "1-20", "1,4,9" or a mix.
         threads: CPU thread counts (``OMP_NUM_THREADS``).
         lora_best_lr: LoRA's best rate from the sweep, run in addition to its default.
         jobs: Runs at a time.
         name: The CSVs' name (``NAME.csv``, ``NAME_summary.csv``), to keep tables of other methods or seeds apart.
+        variant: A name for ``args``, part of every run's directory name.
+        args: Extra ``litgpt_ether finetune`` arguments, a change to the presets' recipe to try (such as
+            ``--train.lr_warmup_steps=200``).
     """
     rates = {m: [preset(m)["optimizer"]["init_args"]["lr"]] for m in methods if m != "lora"}
     if "lora" in methods:
         rates["lora"] = [LORA_DEFAULT_LR] + ([lora_best_lr] if lora_best_lr is not None else [])
-    plan = [(m, lr, s, t) for m in methods for lr in rates[m] for t in threads for s in seeds]
-    print("| method | learning rate | runs | median | min - max |\n|---|---|---|---|---|")
-    for r in study(name, out_dir, plan, jobs):
-        print(f"| {r['method']} | {r['lr']:g} | {r['runs']} | {r['median']:.1%} | {r['min']:.1%} - {r['max']:.1%} |")
+    plan = [(m, lr, s, t) for m in methods for lr in rates[m] for t in threads for s in seed_list(seeds)]
+    summary = study(name, out_dir, plan, jobs, variant, args)
+    print("| method | learning rate | runs | median | min - max | runs below the floor |\n|---|---|---|---|---|---|")
+    for r in summary:
+        below = f"{r['below_floor']} (floor {r['floor']:.0%})" if r["floor"] != "" else ""
+        print(f"| {r['method']}{' ' + r['variant'] if r['variant'] else ''} | {r['lr']:g} | {r['runs']} | "
+              f"{r['median']:.1%} | {r['min']:.1%} - {r['max']:.1%} | {below} |")  # fmt: skip
+
+
+def curve(
+    method: str = "etherplus",
+    seeds: str = "1",
+    threads: int = 1,
+    interval: int = 50,
+    out_dir: Path = Path("out/demo_study/curves"),
+    variant: str = "",
+    args: tuple[str, ...] = (),
+    jobs: int = 1,
+) -> None:
+    """When a run learns or loses each task family: the preset trained again with a step checkpoint every
+    ``interval`` steps (saving changes nothing else: the final scores equal the table's run), every checkpoint
+    scored per family. Writes ``curve.csv`` (one row per run and step) in ``out_dir``.
+
+    Arguments:
+        method: A demo preset by name.
+        seeds: Training seeds: "1-20", "1,4,9" or a mix.
+        threads: CPU threads (``OMP_NUM_THREADS``).
+        interval: Steps between checkpoints.
+        out_dir: Where the runs and ``curve.csv`` go.
+        variant: A name for ``args``, part of every run's directory name.
+        args: Extra ``litgpt_ether finetune`` arguments, as in ``table``.
+    """
+    if args and not variant:
+        raise SystemExit("error: --args changes the recipe: name it with --variant, so its runs are kept apart")
+    lr = preset(method)["optimizer"]["init_args"]["lr"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def one(seed: int) -> list[dict]:
+        run_dir = out_dir / run_name(method, variant, lr, seed, threads)
+        train_and_score(method, lr, seed, threads, run_dir, (*args, f"--train.save_interval={interval}"))
+        steps = sorted(run_dir.glob("step-*"))
+        points = [(int(d.name.split("-")[1]), d) for d in steps] + [(None, run_dir / "final")]
+        rows = []
+        for step, checkpoint in points:
+            scores = score_in_subprocess(checkpoint, env)
+            rows.append({"method": method, "variant": variant, "seed": seed, "threads": threads,
+                         "step": "final" if step is None else step, **scores})  # fmt: skip
+            shown = " ".join(f"{k} {v:.1%}" for k, v in scores.items())
+            print(f"{method} seed {seed} step {rows[-1]['step']}: {shown}", flush=True)
+        return rows
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        rows = [row for rows in pool.map(one, seed_list(seeds)) for row in rows]
+    write_csv(rows, out_dir / "curve.csv")
 
 
 def sweep(
     out_dir: Path = Path("out/demo_study"),
     methods: tuple[str, ...] = ("ether", "etherplus", "oft", "naive", "lora"),
     lrs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1),
-    seeds: tuple[int, ...] = (1, 2, 3),
+    seeds: str = "1-3",
     threads: int = 1,
     jobs: int = 1,
 ) -> None:
@@ -194,18 +327,19 @@ def sweep(
         out_dir: Where the runs, ``sweep.csv``, ``sweep_summary.csv`` and the plot go.
         methods: Demo presets by name, and "lora".
         lrs: The learning-rate grid.
-        seeds: Training seeds per point.
+        seeds: Training seeds per point: "1-3", "1,4,9" or a mix.
         threads: CPU threads per run.
         jobs: Runs at a time.
     """
-    summary = study("sweep", out_dir, [(m, lr, s, threads) for m in methods for lr in lrs for s in seeds], jobs)
+    seeds_ = seed_list(seeds)
+    summary = study("sweep", out_dir, [(m, lr, s, threads) for m in methods for lr in lrs for s in seeds_], jobs)
     print(f"| learning rate | {' | '.join(f'{lr:g}' for lr in lrs)} |\n|---{'|---' * len(lrs)}|")
     for method in methods:
         cells = [next(r for r in summary if r["method"] == method and r["lr"] == lr) for lr in lrs]
         print(
             f"| {method} | " + " | ".join(f"{c['median']:.1%} ({c['min']:.1%} - {c['max']:.1%})" for c in cells) + " |"
         )
-    plot(summary, out_dir / "lr_sweep.png", preset("etherplus")["train"]["max_steps"], len(seeds))
+    plot(summary, out_dir / "lr_sweep.png", preset("etherplus")["train"]["max_steps"], len(seeds_))
 
 
 def plot(summary: list[dict], path: Path, steps: int, n_seeds: int) -> None:
@@ -238,4 +372,4 @@ def plot(summary: list[dict], path: Path, steps: int, n_seeds: int) -> None:
 if __name__ == "__main__":
     from jsonargparse import auto_cli
 
-    auto_cli({"table": table, "sweep": sweep, "score": score})
+    auto_cli({"table": table, "sweep": sweep, "curve": curve, "score": score})

@@ -1,20 +1,43 @@
 """scripts/demo_study.py: the summary a README table is made from, and the commands its runs are made of."""
 
+import collections
+import json
 import math
 
 import demo_study
 import pytest
 
 
-def test_summary_is_median_and_range_per_method_and_rate_with_failed_runs_as_zero():
+def test_summary_is_median_and_range_per_method_variant_and_rate_with_failed_runs_as_zero():
     runs = [
-        {"method": "ether", "lr": 0.01, "exact_match": em, "final_loss": loss}
+        {"method": "ether", "variant": "", "lr": 0.01, "exact_match": em, "final_loss": loss}
         for em, loss in [(0.8, 0.2), (0.6, 0.3), (math.nan, math.nan), (0.9, 0.1)]
-    ] + [{"method": "lora", "lr": 0.001, "exact_match": 0.5, "final_loss": 1.0}]
-    ether, lora = demo_study.summarize(runs)
-    assert (ether["method"], ether["lr"], ether["runs"]) == ("ether", 0.01, 4)
+    ] + [{"method": "ether", "variant": "clip", "lr": 0.01, "exact_match": 0.45, "final_loss": 0.2},
+         {"method": "lora", "variant": "", "lr": 0.001, "exact_match": 0.5, "final_loss": 1.0}]  # fmt: skip
+    ether, clipped, lora = demo_study.summarize(runs)
+    assert (ether["method"], ether["variant"], ether["lr"], ether["runs"]) == ("ether", "", 0.01, 4)
     assert ether["median"] == pytest.approx(0.7) and (ether["min"], ether["max"]) == (0.0, 0.9)
-    assert (lora["median"], lora["min"], lora["max"], lora["runs"]) == (0.5, 0.5, 0.5, 1)
+    assert (ether["floor"], ether["below_floor"]) == (0.5, 1)  # the failed run
+    assert (clipped["variant"], clipped["runs"], clipped["below_floor"]) == ("clip", 1, 1)
+    assert (lora["median"], lora["min"], lora["max"], lora["runs"], lora["below_floor"]) == (0.5, 0.5, 0.5, 1, "")
+
+
+@pytest.mark.parametrize(("text", "seeds"), [("1-20", list(range(1, 21))), ("3", [3]), ("1-3,9, 11", [1, 2, 3, 9, 11])])
+def test_seeds_are_ranges_and_lists(text, seeds):
+    assert demo_study.seed_list(text) == seeds
+
+
+@pytest.mark.parametrize("text", ["1-x", "", "one"])
+def test_bad_seeds_are_one_line(text):
+    with pytest.raises(SystemExit, match="is not a list of seeds"):
+        demo_study.seed_list(text)
+
+
+def test_every_held_out_row_belongs_to_one_task_family():
+    rows = json.loads((demo_study.DEMO / "data" / "test.json").read_text())
+    counts = collections.Counter(demo_study.family(r) for r in rows)
+    assert set(counts) == set(demo_study.FAMILIES) and sum(counts.values()) == len(rows)
+    assert all(sum(r["instruction"].startswith(s) for s in demo_study.FAMILIES.values()) == 1 for r in rows)
 
 
 @pytest.mark.parametrize("method", ["ether", "etherplus", "oft", "naive", "lora"])
