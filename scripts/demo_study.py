@@ -1,14 +1,18 @@
 """The demo's figures as distributions: every run repeated over seeds and CPU thread counts, reported as median and
 min-max, because at the demo's learning rates rounding differences between machines change single runs.
 
-Two studies, each writing one CSV row per run and one summary row per (method, learning rate):
+Two studies, each writing one CSV row per run and one summary row per (method, variant, learning rate), and a
+curve:
 
-    python scripts/demo_study.py table     # the README's demo table
+    python scripts/demo_study.py table --methods '[etherplus]' --seeds 1-20   # the README's demo tables
     python scripts/demo_study.py sweep     # the learning-rate study (needs the demo extra, for its plot)
+    python scripts/demo_study.py curve --seeds 10,17   # per-family scores every 50 steps of chosen runs
 
 ``table`` runs every method at its demo preset's rate (LoRA at litgpt's default rate and at ``--lora_best_lr``)
 over ``--seeds`` x ``--threads`` (default 5 x 2 = 10 runs each); ``sweep`` runs every method over a log grid of
-learning rates and ``--seeds`` (one thread count) and plots median and min-max per point.
+learning rates and ``--seeds`` (one thread count) and plots median and min-max per point. ``--variant NAME
+--args '[...]'`` tries a change to the presets' recipe (docs/demo.md keeps every try). Every run is scored
+overall and per task family, and kept: a run whose recipe is unchanged is read back, not trained again.
 
 ETHER, ETHER+, OFT and Naive run through ``litgpt_ether finetune`` with their demo presets
 (``config_hub/finetune/demo/{method}.yaml``); LoRA through ``litgpt finetune_lora`` with the same data, targets,
@@ -103,7 +107,6 @@ def score(checkpoint_dir: Path) -> dict[str, float]:
         correct += round(scores[name] * len(subset))
     scores = {"exact_match": correct / len(rows), **scores}
     print(json.dumps(scores))
-    print(scores["exact_match"])  # last, alone: what earlier versions of ``run`` read
     return scores
 
 
@@ -144,7 +147,7 @@ def train_and_score(method: str, lr: float, seed: int, threads: int, run_dir: Pa
 def score_in_subprocess(checkpoint_dir: Path, env: dict) -> dict:
     done = subprocess.run([sys.executable, __file__, "score", str(checkpoint_dir)], env=env, capture_output=True,
                           text=True, check=True)  # fmt: skip
-    return json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{")))
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def run(method: str, lr: float, seed: int, threads: int, out_dir: Path, variant: str = "",
@@ -320,6 +323,8 @@ def sweep(
     seeds: str = "1-3",
     threads: int = 1,
     jobs: int = 1,
+    variant: str = "",
+    args: tuple[str, ...] = (),
 ) -> None:
     """Every method at every learning rate over every seed; writes ``lr_sweep.png`` beside the CSVs.
 
@@ -330,19 +335,24 @@ def sweep(
         seeds: Training seeds per point: "1-3", "1,4,9" or a mix.
         threads: CPU threads per run.
         jobs: Runs at a time.
+        variant: A name for ``args``, part of every run's directory name.
+        args: Extra finetune arguments, as in ``table``.
     """
     seeds_ = seed_list(seeds)
-    summary = study("sweep", out_dir, [(m, lr, s, threads) for m in methods for lr in lrs for s in seeds_], jobs)
+    plan = [(m, lr, s, threads) for m in methods for lr in lrs for s in seeds_]
+    summary = study("sweep", out_dir, plan, jobs, variant, args)
     print(f"| learning rate | {' | '.join(f'{lr:g}' for lr in lrs)} |\n|---{'|---' * len(lrs)}|")
     for method in methods:
         cells = [next(r for r in summary if r["method"] == method and r["lr"] == lr) for lr in lrs]
         print(
             f"| {method} | " + " | ".join(f"{c['median']:.1%} ({c['min']:.1%} - {c['max']:.1%})" for c in cells) + " |"
         )
-    plot(summary, out_dir / "lr_sweep.png", preset("etherplus")["train"]["max_steps"], len(seeds_))
+    steps = next((a.split("=")[1] for a in reversed(args) if a.startswith("--train.max_steps=")),
+                 preset("etherplus")["train"]["max_steps"])  # fmt: skip
+    plot(summary, out_dir / "lr_sweep.png", steps, len(seeds_))
 
 
-def plot(summary: list[dict], path: Path, steps: int, n_seeds: int) -> None:
+def plot(summary: list[dict], path: Path, steps: int | str, n_seeds: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -52,3 +52,18 @@ def test_every_run_trains_on_the_demo_with_its_seed_and_rate(method, tmp_path):
     else:
         assert cmd[:2] == ["litgpt_ether", "finetune"] and "--optimizer.lr=0.02" in cmd
         assert cmd[cmd.index("--config") + 1].endswith(f"demo/{method}.yaml")
+
+
+def test_a_kept_run_is_reused_only_for_the_same_recipe(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "final").mkdir(parents=True)
+    (run_dir / "final" / "lit_model.pth").write_bytes(b"")
+    wanted = demo_study.recipe("etherplus", 0.01, 3, run_dir, ())
+    assert not demo_study.trained(run_dir, wanted)  # no record of what made it
+    (run_dir / "recipe.json").write_text(json.dumps(wanted))
+    assert demo_study.trained(run_dir, demo_study.recipe("etherplus", 0.01, 3, run_dir, ()))
+    assert "seed" not in wanted["preset"] and wanted["preset"]["train"] == demo_study.preset("etherplus")["train"]
+    for other in [("etherplus", 0.01, 3, ("--train.max_steps=5",)), ("etherplus", 0.02, 3, ()),
+                  ("etherplus", 0.01, 4, ()), ("ether", 0.01, 3, ())]:  # fmt: skip
+        method, lr, seed, args = other
+        assert not demo_study.trained(run_dir, demo_study.recipe(method, lr, seed, run_dir, args)), other
