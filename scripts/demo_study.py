@@ -128,11 +128,21 @@ def trained(run_dir: Path, wanted: dict) -> bool:
     return (run_dir / "final" / "lit_model.pth").is_file() and done.is_file() and json.loads(done.read_text()) == wanted
 
 
+def thread_env(threads: int) -> dict[str, str]:
+    """The environment of a run's processes: torch takes its thread count from it at start-up."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def check_variant(variant: str, args: tuple[str, ...]) -> None:
+    if args and not variant:
+        raise SystemExit("error: --args changes the recipe: name it with --variant, so its runs are kept apart")
+
+
 def train_and_score(method: str, lr: float, seed: int, threads: int, run_dir: Path, args: tuple[str, ...]) -> dict:
     """Train one run in a fresh process with ``threads`` CPU threads (unless the same recipe's output is there
     already: a run is deterministic given its settings), then score its ``final/`` in another; ``{}`` if it left no
     output."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = thread_env(threads)
     wanted = recipe(method, lr, seed, run_dir, args)
     if not trained(run_dir, wanted):
         (run_dir / "recipe.json").unlink(missing_ok=True)
@@ -218,8 +228,7 @@ def study(name: str, out_dir: Path, plan: list[tuple], jobs: int, variant: str =
     """Run every ``(method, lr, seed, threads)``, ``jobs`` at a time (each run's rounding depends on its thread
     count, not on what else the machine runs); ``NAME.csv`` (every run) and ``NAME_summary.csv`` are rewritten as
     runs finish."""
-    if args and not variant:
-        raise SystemExit("error: --args changes the recipe: name it with --variant, so its runs are kept apart")
+    check_variant(variant, args)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -291,24 +300,21 @@ def curve(
         variant: A name for ``args``, part of every run's directory name.
         args: Extra ``litgpt_ether finetune`` arguments, as in ``table``.
     """
-    if args and not variant:
-        raise SystemExit("error: --args changes the recipe: name it with --variant, so its runs are kept apart")
+    check_variant(variant, args)
     lr = preset(method)["optimizer"]["init_args"]["lr"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def one(seed: int) -> list[dict]:
         run_dir = out_dir / run_name(method, variant, lr, seed, threads)
-        train_and_score(method, lr, seed, threads, run_dir, (*args, f"--train.save_interval={interval}"))
-        steps = sorted(run_dir.glob("step-*"))
-        points = [(int(d.name.split("-")[1]), d) for d in steps] + [(None, run_dir / "final")]
+        final = train_and_score(method, lr, seed, threads, run_dir, (*args, f"--train.save_interval={interval}"))
+        points = [(int(d.name.split("-")[1]), score_in_subprocess(d, thread_env(threads)))
+                  for d in sorted(run_dir.glob("step-*"))]  # fmt: skip
         rows = []
-        for step, checkpoint in points:
-            scores = score_in_subprocess(checkpoint, env)
-            rows.append({"method": method, "variant": variant, "seed": seed, "threads": threads,
-                         "step": "final" if step is None else step, **scores})  # fmt: skip
+        for step, scores in points + ([("final", final)] if final else []):
+            rows.append({"method": method, "variant": variant, "seed": seed, "threads": threads, "step": step,
+                         **scores})  # fmt: skip
             shown = " ".join(f"{k} {v:.1%}" for k, v in scores.items())
-            print(f"{method} seed {seed} step {rows[-1]['step']}: {shown}", flush=True)
+            print(f"{method} seed {seed} step {step}: {shown}", flush=True)
         return rows
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:

@@ -67,3 +67,10 @@ def test_a_kept_run_is_reused_only_for_the_same_recipe(tmp_path):
                   ("etherplus", 0.01, 4, ()), ("ether", 0.01, 3, ())]:  # fmt: skip
         method, lr, seed, args = other
         assert not demo_study.trained(run_dir, demo_study.recipe(method, lr, seed, run_dir, args)), other
+
+
+@pytest.mark.parametrize("verb", ["table", "curve"])
+def test_a_recipe_change_without_a_name_is_refused_before_anything_is_made(verb, tmp_path):
+    with pytest.raises(SystemExit, match="name it with --variant"):
+        getattr(demo_study, verb)(out_dir=tmp_path / "study", args=("--train.max_steps=5",))
+    assert not (tmp_path / "study").exists()
