@@ -19,6 +19,7 @@ from litgpt.utils import CLI
 from litgpt_ether.chat import main as chat_fn
 from litgpt_ether.checks import ConfigError
 from litgpt_ether.evaluate import evaluate as evaluate_fn
+from litgpt_ether.export import export as export_fn
 from litgpt_ether.finetune import Interrupted, NonFiniteLossError
 from litgpt_ether.finetune import setup as finetune_fn
 from litgpt_ether.generate import main as generate_fn
@@ -34,6 +35,7 @@ COMMANDS = {
     "evaluate": evaluate_fn,
     "inspect": inspect_fn,
     "serve": serve_fn,
+    "export": export_fn,
 }
 
 

@@ -766,8 +766,9 @@ def load_base_checkpoint(model: nn.Module, checkpoint_path: Path, assign: bool =
 
 
 @torch.no_grad()
-def merge_ether(model: nn.Module) -> nn.Module:
-    """Fold every ETHER layer into a plain ``nn.Linear`` holding ``H_out W H_in`` (fp32 math), in place.
+def merge_ether(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Fold every ETHER layer into a plain ``nn.Linear`` holding ``H_out W H_in`` (fp32 math, cast to ``dtype``,
+    default the weight's), in place.
 
     Afterwards the model costs exactly what the base model costs, and its state dict has only base keys.
     """
@@ -775,7 +776,7 @@ def merge_ether(model: nn.Module) -> nn.Module:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        linear.weight = nn.Parameter(layer.merged_weight(), requires_grad=False)
+        linear.weight = nn.Parameter(layer.merged_weight(dtype), requires_grad=False)
         linear.bias = layer.bias
         setattr(parent, child_name, linear)
     return model

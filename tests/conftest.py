@@ -18,11 +18,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import litgpt.config  # noqa: E402
+import litgpt.model  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
+from litgpt.prompts import Alpaca, save_prompt_style  # noqa: E402
+from litgpt.utils import save_config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 from make_tiny import make_checkpoint, make_dataset  # noqa: E402
+
+from litgpt_ether.checkpoint import save_adapter  # noqa: E402
+from litgpt_ether.ether import GPT, Config, ether_state_dict  # noqa: E402
 
 # One tiny config per architecture family the method must cover. Every reflected size is a multiple
 # of 4, so n in {1, 2, 4} divides all of them.
@@ -108,40 +114,28 @@ def finetune_out(checkpoint_dir, dataset_path, tmp_path_factory) -> Path:
     return out_dir
 
 
-def export_to_hf(litgpt_dir: Path, out_dir: Path) -> Path:
-    """Convert a litgpt checkpoint of the tiny LLaMA-style model to a Hugging Face directory.
+def family_base(directory: Path, family: str, **overrides) -> Path:
+    """A random-weight base checkpoint of ``family`` (with ``overrides`` to its config), with the tiny tokenizer (its
+    vocabulary fits 64)."""
+    make_checkpoint(directory)
+    config = litgpt.config.Config(**{**FAMILIES[family], "block_size": 128, "vocab_size": 64, "padded_vocab_size": 64,
+                                     "name": f"tiny-{family}", **overrides})  # fmt: skip
+    torch.manual_seed(1)
+    torch.save(litgpt.model.GPT(config).state_dict(), directory / "lit_model.pth")
+    save_config(config, directory)
+    save_prompt_style(Alpaca(), directory)  # the base answers in the adapters' format too
+    return directory
 
-    litgpt's ``convert_from_litgpt`` writes the weights; transformers needs a ``config.json`` too, built
-    here from the litgpt config (what ``litgpt download`` would have fetched for a real model).
-    """
-    from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint
-    from transformers import LlamaConfig
 
-    convert_lit_checkpoint(litgpt_dir, out_dir)
-    c = litgpt.config.Config.from_file(litgpt_dir / "model_config.yaml")
-    assert c.mlp_class_name == "LLaMAMLP" and not c.bias, "export_to_hf only knows the tiny LLaMA-style model"
-    LlamaConfig(
-        vocab_size=c.padded_vocab_size,
-        hidden_size=c.n_embd,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.n_layer,
-        num_attention_heads=c.n_head,
-        num_key_value_heads=c.n_query_groups,
-        head_dim=c.head_size,
-        max_position_embeddings=c.block_size,
-        rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_base,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    ).save_pretrained(out_dir)
-    state = torch.load(out_dir / "model.pth", weights_only=True)
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in state.items()}, out_dir / "model.safetensors")
-    (out_dir / "model.pth").unlink()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (out_dir / name).write_bytes((litgpt_dir / name).read_bytes())
+def make_adapter(base: Path, out_dir: Path, seed: int, **ether_args) -> Path:
+    """An adapter far from the identity (vectors drawn at random, ETHER+'s ``v`` independent of ``u``)."""
+    config = Config.from_file(base / "model_config.yaml", **ether_args)
+    model = GPT(config)
+    generator = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(v.shape, generator=generator) for k, v in ether_state_dict(model).items()}
+    out_dir.mkdir(parents=True)
+    save_adapter(out_dir / "lit_model.pth.ether", state, config)
+    save_prompt_style(Alpaca(), out_dir)
     return out_dir
 
 

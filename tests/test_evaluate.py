@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import export_to_hf, run_main
+from conftest import run_main
 from litgpt.tokenizer import Tokenizer
 
 pytest.importorskip("lm_eval", reason="the eval extra installs lm-eval")
@@ -147,10 +147,10 @@ def test_scores_and_generations_equal_lm_evals_own_hf_model_on_the_exported_chec
     from lm_eval.models.huggingface import HFLM
 
     model, tokenizer = merged
-    hf_dir = export_to_hf(finetune_out / "final", tmp_path / "hf")
-    # transformers reads no add_bos_token for this tokenizer class; lm-eval's own switch asks for the BOS that the
-    # litgpt tokenizer adds, so that both models see the same token ids
-    hf = HFLM(pretrained=str(hf_dir), backend="causal", device="cpu", dtype="float32", batch_size=2, add_bos_token=True)
+    hf_dir = tmp_path / "hf"
+    assert run_main("export", str(finetune_out), "--out_dir", str(hf_dir)).returncode == 0
+    # no add_bos_token: the exported tokenizer adds BOS where litgpt's does, so both models see the same token ids
+    hf = HFLM(pretrained=str(hf_dir), backend="causal", device="cpu", dtype="float32", batch_size=2)
     lm = LitGPTLM(model, tokenizer, batch_size=2)
     for context, continuation in PAIRS:
         assert hf.tok_encode(context + continuation) == lm.tok_encode(context + continuation)

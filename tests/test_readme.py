@@ -33,8 +33,8 @@ def test_every_demo_command_the_readme_shows_is_run_by_ci():
              if "out/finetune/demo-" in line and not line.lstrip().startswith(("#", "litgpt_ether serve"))}  # fmt: skip
     assert shown and shown <= ci, shown - ci
     verbs = {" ".join(c.split()[:2]) for c in ci}
-    expected = {f"litgpt_ether {v}" for v in ["chat", "generate", "merge", "evaluate", "inspect"]}
-    assert expected | {"litgpt generate", "litgpt convert_from_litgpt"} <= verbs, verbs
+    expected = {f"litgpt_ether {v}" for v in ["chat", "generate", "merge", "evaluate", "inspect", "export"]}
+    assert expected | {"litgpt generate"} <= verbs, verbs
 
 
 def test_a_command_that_needs_an_extra_installs_it_first():

@@ -21,12 +21,10 @@ import litgpt.config
 import litgpt.model
 import pytest
 import torch
-from conftest import FAMILIES, run_main
+from conftest import family_base, make_adapter, run_main
 from litgpt.generate.base import generate_fn
-from litgpt.prompts import Alpaca, save_prompt_style
+from litgpt.prompts import Alpaca
 from litgpt.tokenizer import Tokenizer
-from litgpt.utils import save_config
-from make_tiny import make_checkpoint
 
 from litgpt_ether.__main__ import adapters_as_list
 from litgpt_ether.checkpoint import load_adapter, load_model, resolve, save_adapter
@@ -35,7 +33,6 @@ from litgpt_ether.engine import Engine, Request, Rows, RowsKVCache, Sampling, ru
 from litgpt_ether.ether import (
     GPT,
     Config,
-    ether_state_dict,
     merge_ether,
     reflect,
     reflect_through,
@@ -111,30 +108,6 @@ def test_per_row_reflections_equal_each_rows_dense_h(coefs, tokens):
         (proj,) = weight_units(linear, [(0, out)], [units[:, None]])
         correction = torch.stack([(dense[b] - x[b]) @ w.T for b in range(rows)])  # x H Wᵀ - x Wᵀ, row by row
         torch.testing.assert_close(reflect_through(x, units[:, None], coefs, proj), correction)
-
-
-def family_base(directory: Path, family: str) -> Path:
-    """A random-weight base checkpoint of ``family``, with the tiny tokenizer (its vocabulary fits 64)."""
-    make_checkpoint(directory)
-    config = litgpt.config.Config(**{**FAMILIES[family], "block_size": 128, "vocab_size": 64,
-                                     "padded_vocab_size": 64}, name=f"tiny-{family}")  # fmt: skip
-    torch.manual_seed(1)
-    torch.save(litgpt.model.GPT(config).state_dict(), directory / "lit_model.pth")
-    save_config(config, directory)
-    save_prompt_style(Alpaca(), directory)  # the base answers in the adapters' format too
-    return directory
-
-
-def make_adapter(base: Path, out_dir: Path, seed: int, **ether_args) -> Path:
-    """An adapter far from the identity (vectors drawn at random, ETHER+'s ``v`` independent of ``u``)."""
-    config = Config.from_file(base / "model_config.yaml", **ether_args)
-    model = GPT(config)
-    generator = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(v.shape, generator=generator) for k, v in ether_state_dict(model).items()}
-    out_dir.mkdir(parents=True)
-    save_adapter(out_dir / "lit_model.pth.ether", state, config)
-    save_prompt_style(Alpaca(), out_dir)
-    return out_dir
 
 
 def merged(base: Path, adapter: Path | None) -> litgpt.model.GPT:
