@@ -95,12 +95,12 @@ def hf_tokenizer(checkpoint_dir, tmp_path_factory) -> Path:
     """The base's tokenizer as a Hugging Face tokenizer that adds BOS when asked (``add_special_tokens``), as Llama's
     does: what lm-eval's client encodes prompts with, as litgpt does (the checkpoint's ``add_bos_token``)."""
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers.processors import TemplateProcessing
+
+    from litgpt_ether.export import bos_post_processor
 
     directory = tmp_path_factory.mktemp("hf_tokenizer")
     tokenizer = HFTokenizer.from_file(str(checkpoint_dir / "tokenizer.json"))
-    bos = Tokenizer(checkpoint_dir).bos_id
-    tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tokenizer.post_processor = bos_post_processor(tokenizer, "<s>", Tokenizer(checkpoint_dir).bos_id)
     tokenizer.save(str(directory / "tokenizer.json"))
     shutil.copy(checkpoint_dir / "tokenizer_config.json", directory / "tokenizer_config.json")
     return directory
