@@ -286,11 +286,12 @@ def merged_state(resolved: Resolved, dtype: torch.dtype | None) -> dict[str, tor
     """The merged model's litgpt state dict (the adapter folded in, fp32 math), in ``dtype`` (default: as stored)."""
     model = load_model(resolved)  # the stored tensors, memory-mapped, checked against the config
     state = (merge_ether(model, dtype) if resolved.adapter is not None else model).state_dict()
+    state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
+    if bad:  # checked in the dtype written: a weight beyond float16's range is refused, not saved as inf
         where = str(resolved.files_dir)
         raise ConfigError(f"the merged weights of {where!r} are not finite ({bad[0]}); nothing written")
-    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
+    return state
 
 
 def export(

@@ -177,6 +177,10 @@ def test_what_cannot_be_exported_is_refused_in_one_line_with_nothing_written(fin
     torch.save(state, broken / "lit_model.pth")
     result = run_main("export", str(broken), "--out_dir", str(tmp_path / "nan"))
     assert result.returncode == 1 and "not finite" in result.stderr and not (tmp_path / "nan").exists()
+    state["transformer.h.0.attn.proj.weight"][0, 0] = 1e5  # finite in float32, beyond float16's range
+    torch.save(state, broken / "lit_model.pth")
+    result = run_main("export", str(broken), "--out_dir", str(tmp_path / "fp16"), "--dtype", "float16")
+    assert result.returncode == 1 and "not finite" in result.stderr and not (tmp_path / "fp16").exists()
 
     result = run_main("export", str(finetune_out))
     assert result.returncode == 1 and "--out_dir is required" in result.stderr
