@@ -37,9 +37,9 @@ from litgpt_ether.checkpoint import (
     resolve,
     staged_dir,
 )
-from litgpt_ether.checks import ConfigError, check_output_dir
+from litgpt_ether.checks import ConfigError
 from litgpt_ether.ether import merge_ether
-from litgpt_ether.merge import refuse_nonempty
+from litgpt_ether.merge import check_apart, refuse_nonempty
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # litgpt features no Hugging Face architecture here reproduces: refused by name rather than exported wrong
@@ -62,13 +62,18 @@ class Architecture:
     name: str  # the transformers class, e.g. "LlamaForCausalLM"
     fields: dict[str, Any]  # config.json, without the fields every architecture shares
     copy: Callable[..., None]  # litgpt's ``copy_weights_*``: (config, hf_state, lit_state, ...)
-    copy_kwargs: dict[str, Any]
+
+    def copy_weights(self, config: litgpt.config.Config, state: dict[str, torch.Tensor], tied: bool) -> dict:
+        """The Hugging Face state dict; a head ``tied`` to the embedding is left out (Llama's mapping only: the
+        others write their head whatever it is)."""
+        hf_state: dict[str, torch.Tensor] = {}
+        self.copy(config, hf_state, state, **({"untie_weights": tied} if self.copy is copy_weights_llama else {}))
+        return hf_state
 
 
-def architecture(config: litgpt.config.Config, tied: bool) -> Architecture:
+def architecture(config: litgpt.config.Config) -> Architecture:
     """The Hugging Face architecture that computes what ``config`` computes, from the model's structure.
 
-    ``tied``: the output head equals the token embedding (written once, ``tie_word_embeddings``).
     Raises ``ConfigError`` naming what has no faithful counterpart.
     """
     c = config
@@ -106,19 +111,16 @@ def architecture(config: litgpt.config.Config, tied: bool) -> Architecture:
             if c.sliding_window_size is not None:
                 raise refuse("Gemma with a sliding window")
             fields["hidden_activation"] = fields["hidden_act"] = act
-            return Architecture("GemmaForCausalLM", {"model_type": "gemma", **fields}, copy_weights_llama,
-                                {"untie_weights": tied})  # fmt: skip
+            return Architecture("GemmaForCausalLM", {"model_type": "gemma", **fields}, copy_weights_llama)
         fields["hidden_act"] = act if c.mlp_class_name == "GemmaMLP" else "silu"
         if c.mlp_class_name == "LLaMAMoE":
             fields.update(model_type="mixtral", num_local_experts=c.n_expert, num_experts_per_tok=c.n_expert_per_token,
                           intermediate_size=c.moe_intermediate_size, sliding_window=c.sliding_window_size)  # fmt: skip
-            return Architecture("MixtralForCausalLM", fields, copy_weights_llama, {"untie_weights": tied})
+            return Architecture("MixtralForCausalLM", fields, copy_weights_llama)
         if c.sliding_window_size is not None:
-            return Architecture("MistralForCausalLM", {"model_type": "mistral", **fields,
-                                "sliding_window": c.sliding_window_size}, copy_weights_llama,
-                                {"untie_weights": tied})  # fmt: skip
-        return Architecture("LlamaForCausalLM", {"model_type": "llama", **fields}, copy_weights_llama,
-                            {"untie_weights": tied})  # fmt: skip
+            fields = {"model_type": "mistral", **fields, "sliding_window": c.sliding_window_size}
+            return Architecture("MistralForCausalLM", fields, copy_weights_llama)
+        return Architecture("LlamaForCausalLM", {"model_type": "llama", **fields}, copy_weights_llama)
     if c.mlp_class_name == "GptNeoxMLP" and c.norm_class_name == "LayerNorm":
         if c.n_query_groups != c.n_head:
             raise refuse("GPT-NeoX and Phi have no grouped-query attention")
@@ -130,13 +132,13 @@ def architecture(config: litgpt.config.Config, tied: bool) -> Architecture:
                 raise refuse("a shared attention norm (Phi) needs a parallel residual and a biased output head")
             fields = {"layer_norm_eps": c.norm_eps, "hidden_act": act, "rope_parameters": rope,
                       "partial_rotary_factor": c.rotary_percentage, "num_key_value_heads": c.n_head}  # fmt: skip
-            return Architecture("PhiForCausalLM", {"model_type": "phi", **fields}, copy_weights_phi, {})
+            return Architecture("PhiForCausalLM", {"model_type": "phi", **fields}, copy_weights_phi)
         if c.lm_head_bias:
             raise refuse("GPT-NeoX has no bias in its output head (Phi has, with a shared attention norm)")
         fields = {"layer_norm_eps": c.norm_eps, "hidden_act": act, "rope_parameters": rope,
                   "rotary_pct": c.rotary_percentage, "rotary_emb_base": c.rope_base,
                   "use_parallel_residual": c.parallel_residual, "attention_bias": True}  # fmt: skip
-        return Architecture("GPTNeoXForCausalLM", {"model_type": "gpt_neox", **fields}, copy_weights_gpt_neox, {})
+        return Architecture("GPTNeoXForCausalLM", {"model_type": "gpt_neox", **fields}, copy_weights_gpt_neox)
     raise refuse(f"no supported architecture has a {c.mlp_class_name} with {c.norm_class_name}")
 
 
@@ -151,11 +153,9 @@ def hf_config(config: litgpt.config.Config, arch: Architecture, dtype: torch.dty
     dtype_name = str(dtype).removeprefix("torch.")
     return {
         "architectures": [arch.name],
-        **arch.fields,
-        **legacy,
         "vocab_size": config.padded_vocab_size,
         "hidden_size": config.n_embd,
-        "intermediate_size": arch.fields.get("intermediate_size", config.intermediate_size),
+        "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head,
         "max_position_embeddings": config.block_size,
@@ -164,6 +164,8 @@ def hf_config(config: litgpt.config.Config, arch: Architecture, dtype: torch.dty
         "eos_token_id": tokenizer.eos_id,
         "dtype": dtype_name,
         "torch_dtype": dtype_name,
+        **arch.fields,  # after the shared fields: Mixtral's intermediate size is its experts'
+        **legacy,
     }
 
 
@@ -323,22 +325,17 @@ def export(
         raise ConfigError(f"--max_shard_size must be a size such as '5GB', '500MB' or '20KB', got {max_shard_size!r}")
     resolved = resolve(checkpoint_dir, base_checkpoint_dir)
     out_dir = Path(out_dir)
-    check_output_dir(out_dir)
-    inputs = [resolved.files_dir.resolve(), resolved.base_dir.resolve()]
-    if any(p == out_dir.resolve() or out_dir.resolve() in p.parents for p in inputs):
-        raise ConfigError(f"out_dir {str(out_dir)!r} holds the checkpoint or its base model: choose another")
+    check_apart(out_dir, resolved, "checkpoint")
     config = read_model_config(resolved.base_dir / "model_config.yaml")
     style = read_prompt_style(resolved.files_dir, config)
     tokenizer = load_tokenizer(resolved.base_dir)
-    architecture(config, tied=False)  # refused before the weights are read
+    arch = architecture(config)  # refused before the weights are read
     hf_tokenizer, tokenizer_config, generation = tokenizer_files(resolved.base_dir, tokenizer, style, config)
 
     refuse_nonempty(out_dir, overwrite)
     state = merged_state(resolved, DTYPES[dtype] if dtype else None)
     tied = torch.equal(state["lm_head.weight"], state["transformer.wte.weight"])
-    arch = architecture(config, tied)
-    hf_state: dict[str, torch.Tensor] = {}
-    arch.copy(config, hf_state, state, **arch.copy_kwargs)
+    hf_state = arch.copy_weights(config, state, tied)
     # q, k and v are views of one fused tensor: safetensors stores whole tensors
     hf_state = {k: v.clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size() else v
                 for k, v in hf_state.items()}  # fmt: skip

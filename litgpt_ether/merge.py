@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from litgpt_ether.checkpoint import ADAPTER_FILE, LOCK_FILE, exclusive, merge_adapter, resolve, staged_dir
+from litgpt_ether.checkpoint import ADAPTER_FILE, LOCK_FILE, Resolved, exclusive, merge_adapter, resolve, staged_dir
 from litgpt_ether.checks import ConfigError, check_output_dir
 
 
@@ -33,15 +33,21 @@ def merge(
             path = merge_adapter(resolved, resolved.files_dir)
     else:
         out_dir = Path(out_dir)
-        check_output_dir(out_dir)
-        inputs = [resolved.files_dir.resolve(), resolved.base_dir.resolve()]
-        if any(p == out_dir.resolve() or out_dir.resolve() in p.parents for p in inputs):
-            raise ConfigError(f"out_dir {str(out_dir)!r} holds the adapter or its base model: choose another")
+        check_apart(out_dir, resolved, "adapter")
         with exclusive(out_dir, lambda: refuse_nonempty(out_dir, overwrite)):
             with staged_dir(out_dir) as tmp:  # written whole under a temporary name, then renamed into place
                 merge_adapter(resolved, tmp)
         path = out_dir / "lit_model.pth"
     print(f"Saved the merged model to {str(path)!r}")
+
+
+def check_apart(out_dir: Path, resolved: Resolved, what: str) -> None:
+    """A writable ``out_dir`` that neither is nor holds the input (``what``) or its base model: replacing it whole
+    would delete them."""
+    check_output_dir(out_dir)
+    inputs = [resolved.files_dir.resolve(), resolved.base_dir.resolve()]
+    if any(p == out_dir.resolve() or out_dir.resolve() in p.parents for p in inputs):
+        raise ConfigError(f"out_dir {str(out_dir)!r} holds the {what} or its base model: choose another")
 
 
 def refuse_nonempty(out_dir: Path, overwrite: bool) -> None:

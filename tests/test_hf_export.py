@@ -80,10 +80,10 @@ def test_litgpts_named_models_get_their_architecture_or_a_reason(name, wanted):
     architecture (litgpt's converter picks by name, and sends Gemma-2b to Gemma 2's mapping)."""
     config = litgpt.config.Config.from_name(name)
     if wanted.endswith("ForCausalLM"):
-        assert architecture(config, tied=False).name == wanted
+        assert architecture(config).name == wanted
     else:
         with pytest.raises(ConfigError, match=wanted):
-            architecture(config, tied=False)
+            architecture(config)
 
 
 def test_a_run_exports_to_what_transformers_loads_alone_and_generates_as_litgpt(finetune_out, tmp_path):
