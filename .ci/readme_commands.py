@@ -14,12 +14,22 @@ from pathlib import Path
 README = Path(__file__).parents[1] / "README.md"
 
 
+def blocks(name: str, text: str, prefix: str = "ci") -> list[tuple[str, str]]:
+    """The fenced code blocks, as (language, body), inside the regions marked ``PREFIX:NAME``, in order."""
+    marker = re.escape(f"{prefix}:{name}")
+    regions = re.findall(rf"<!-- {marker} -->(.*?)<!-- /{marker} -->", text, flags=re.S)
+    return [block for region in regions for block in re.findall(r"```([a-z]*)\n(.*?)```", region, flags=re.S)]
+
+
+def command_lines(script: str) -> list[str]:
+    """A shell block's commands, one per line: backslash continuations joined, comment and blank lines dropped."""
+    joined = script.replace("\\\n", " ")
+    return [line.strip() for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 def commands(name: str, text: str) -> list[str]:
     """The commands of every fenced block inside the regions marked ``ci:NAME``."""
-    regions = re.findall(rf"<!-- ci:{re.escape(name)} -->(.*?)<!-- /ci:{re.escape(name)} -->", text, flags=re.S)
-    blocks = [block for region in regions for block in re.findall(r"```[a-z]*\n(.*?)```", region, flags=re.S)]
-    joined = "\n".join(blocks).replace("\\\n", " ")
-    found = [line.strip() for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    found = command_lines("\n".join(body for _, body in blocks(name, text)))
     if not found:
         raise SystemExit(f"README.md has no commands marked <!-- ci:{name} -->")
     return found

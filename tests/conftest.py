@@ -1,6 +1,7 @@
 """Tiny litgpt models, a tokenizer and a dataset built on the spot: the suite never downloads."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -112,6 +113,31 @@ def finetune_out(checkpoint_dir, dataset_path, tmp_path_factory) -> Path:
     result = run_cli(*finetune_args(checkpoint_dir, dataset_path, out_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     return out_dir
+
+
+ROOT = Path(__file__).parents[1]
+DEMO_TEST_ROWS = 60  # the slice of the demo's held-out set a short run is scored on
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """The demo's ETHER+ preset as shipped, shortened by CLI overrides (300 steps, a slice of the held-out set), run
+    where the docs' commands expect it: ``WORK/out/finetune/demo-etherplus``, with ``WORK/demo`` and
+    ``WORK/config_hub`` linked to the repository's. Returns WORK. Tests must not modify the run: write elsewhere."""
+    work = tmp_path_factory.mktemp("demo_work")
+    for name in ("demo", "config_hub"):
+        (work / name).symlink_to(ROOT / name, target_is_directory=True)
+    test_rows = json.loads((ROOT / "demo" / "data" / "test.json").read_text())[:DEMO_TEST_ROWS]
+    (work / "test.json").write_text(json.dumps(test_rows))
+    result = run_cli(
+        "finetune", "--config", str(ROOT / "config_hub" / "finetune" / "demo" / "etherplus.yaml"),
+        str(ROOT / "demo" / "base"), "--data.json_path", str(ROOT / "demo" / "data"),
+        "--out_dir", str(work / "out" / "finetune" / "demo-etherplus"), "--test_data", str(work / "test.json"),
+        "--train.max_steps", "300", "--eval.interval", "1000",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (work / "finetune.stdout").write_text(result.stdout)
+    return work
 
 
 def family_base(directory: Path, family: str, **overrides) -> Path:

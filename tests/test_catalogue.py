@@ -449,4 +449,7 @@ def test_the_catalogue_covers_every_verb_with_150_distinct_cases():
     verbs = {args[0] for args, _ in CASES.values()}
     assert {"finetune", "merge", "generate", "chat", "evaluate", "inspect", "serve"} <= verbs
     assert len({tuple(args) for args, _ in CASES.values()}) == len(CASES) >= 150
-    assert f"test_catalogue.py` ({len(CASES)} bad inputs" in (Path(__file__).parents[1] / "README.md").read_text()
+    assert (
+        f"test_catalogue.py` ({len(CASES)} bad inputs"
+        in (Path(__file__).parents[1] / "docs" / "reliability.md").read_text()
+    )
