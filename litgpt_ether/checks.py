@@ -162,7 +162,8 @@ Accelerator = Literal["auto", "cpu", "cuda", "gpu", "mps"]
 def require_extra(module: str, extra: str, what: str) -> None:
     """Refuse, in one line naming the extra to install, a feature whose optional dependency is missing.
 
-    The base install runs every verb; lm-eval (``eval``) and bitsandbytes (``quant``) are extras, and a user who
+    The base install runs every verb but ``evaluate`` and ``serve``; lm-eval (``eval``), LitServe (``serve``) and
+    bitsandbytes (``quant``) are extras, and a user who
     asks for them without the extra gets the install command, not an ``ImportError`` traceback.
     """
     if find_spec(module) is None:

@@ -210,7 +210,7 @@ def load_adapter_for(base_dir: Path, name: str, path: Path) -> Adapter:
     if method not in ("ether", "etherplus"):
         raise ConfigError(
             f"ether_method {method}: serve batches ETHER and ETHER+ adapters; merge it (litgpt_ether merge) and"
-            " serve the merged checkpoint on its own"
+            " serve the merged checkpoint with `litgpt serve`"
         )
     base_config = read_model_config(base_dir / "model_config.yaml")
     config = read_model_config(base_dir / "model_config.yaml", ether_args)
