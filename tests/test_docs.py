@@ -16,11 +16,18 @@ from readme_commands import blocks, command_lines, commands  # noqa: E402
 README = ROOT / "README.md"
 PRESETS = ROOT / "config_hub" / "finetune"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
-# what the repository holds; not what a run, a venv or a build leaves in it
-SOURCES = [p for pattern in ("**/*.py", "**/*.md", "**/*.yaml", "**/*.sh", "**/*.toml", ".ci/*")
-           for p in ROOT.glob(pattern)
-           if not {".git", ".venv", "out", "build", "checkpoints"} & set(p.relative_to(ROOT).parts[:1])
-           and ".egg-info" not in str(p)]  # fmt: skip
+SKIP = {".git", ".venv", "out", "build", "checkpoints", "__pycache__", "lit_model.pth"}
+
+
+def sources() -> list[Path]:
+    """What the repository holds, not what a run, a venv or a build leaves in it: its text files."""
+    found = []
+    for directory, subdirs, files in os.walk(ROOT):
+        subdirs[:] = [d for d in subdirs if d not in SKIP and not d.endswith(".egg-info")]
+        found += [Path(directory) / f for f in files if f.endswith((".py", ".md", ".yaml", ".sh", ".toml", "run"))]
+    return found
+
+
 PATH = r"(?:docs|config_hub|scripts|tests|litgpt_ether|demo|\.ci)/[\w./*{},-]*[\w*}]"
 
 
@@ -70,7 +77,7 @@ def test_every_named_path_resolves():
     """Paths named in the docs (``config_hub/...``, ``tests/x.py::test_y`` ...), and ``docs/`` paths named anywhere."""
     named = {(page, p) for page in PAGES for p in re.findall(rf"(?<![\w./-]){PATH}", page.read_text())}
     named |= {
-        (source, p) for source in SOURCES for p in re.findall(r"(?<![\w./-])docs/[\w./*-]*[\w*]", source.read_text())
+        (source, p) for source in sources() for p in re.findall(r"(?<![\w./-])docs/[\w./*-]*[\w*]", source.read_text())
     }
     assert len(named) > 50
     missing = {(src.relative_to(ROOT).as_posix(), p) for src, p in named if not all(map(exists, expand(p)))}
