@@ -163,8 +163,8 @@ def require_extra(module: str, extra: str, what: str) -> None:
     """Refuse, in one line naming the extra to install, a feature whose optional dependency is missing.
 
     The base install runs every verb but ``evaluate`` and ``serve``; lm-eval (``eval``), LitServe (``serve``) and
-    bitsandbytes (``quant``) are extras, and a user who
-    asks for them without the extra gets the install command, not an ``ImportError`` traceback.
+    bitsandbytes (``quant``) are extras, and a user who asks for them without the extra gets the install command, not
+    an ``ImportError`` traceback.
     """
     if find_spec(module) is None:
         raise ConfigError(

@@ -25,7 +25,8 @@ import yaml  # noqa: E402
 from litgpt.prompts import Alpaca, save_prompt_style  # noqa: E402
 from litgpt.utils import save_config  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
 from make_tiny import make_checkpoint, make_dataset  # noqa: E402
 
 from litgpt_ether.checkpoint import save_adapter  # noqa: E402
@@ -64,7 +65,7 @@ def dataset_path(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "reverse.json")
 
 
-TINY_PRESET = Path(__file__).parents[1] / "config_hub" / "finetune" / "tiny" / "etherplus.yaml"
+TINY_PRESET = ROOT / "config_hub" / "finetune" / "tiny" / "etherplus.yaml"
 
 
 def run_cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
@@ -115,7 +116,6 @@ def finetune_out(checkpoint_dir, dataset_path, tmp_path_factory) -> Path:
     return out_dir
 
 
-ROOT = Path(__file__).parents[1]
 DEMO_TEST_ROWS = 60  # the slice of the demo's held-out set a short run is scored on
 
 
